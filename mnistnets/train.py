@@ -1,0 +1,290 @@
+"""One trial's training: ``fit(config)`` yields one result per epoch.
+
+Training knows nothing of who listens: the CLI's progress bar, Ray Tune and
+MLflow are listeners in ``jobs``. Randomness is a function of (seed, epoch):
+the model's initialisation comes from the seed, and every epoch reseeds the
+loader (order, augmentation) and the global RNG (dropout) from (seed, epoch),
+so a run resumed from the checkpoint of epoch k ends with the same weights as
+an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .data import MNIST, AugmentConfig, DeviceLoader, load_mnist, resolve_data_dir
+from .models import create_model, list_models
+from .schedules import build_scheduler, parse_schedule
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one run. The defaults are the project's recipe."""
+
+    model: str = "v0"
+    epochs: int = 15
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "onecycle:max_lr=0.05,pct_start=0.2"
+    augment: bool = True
+    rotation: float = 10.0
+    translate: float = 0.1
+    scale: float = 0.1
+    shear: float = 5.0
+    dropout: float | None = None
+    seed: int = 1
+    device: str = "auto"
+    data_dir: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    eval_batch_size: int = 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}; "
+                             f"valid settings: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def augment_config(self) -> AugmentConfig | None:
+        if not self.augment:
+            return None
+        return AugmentConfig(rotation=self.rotation, translate=self.translate,
+                             scale=self.scale, shear=self.shear)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError with a clear message for any bad setting."""
+        if self.model not in list_models():
+            raise ValueError(f"unknown model {self.model!r}; valid models: {', '.join(list_models())}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        for name in ("train_limit", "test_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or unset), not {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        for name in ("lr", "momentum", "weight_decay", "label_smoothing", "rotation",
+                     "translate", "scale", "shear"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, not {self.lr!r}")
+        if self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing!r}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
+        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], not {self.device!r}")
+        parse_schedule(self.schedule)  # raises ScheduleError (a ValueError)
+        return self
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is visible to torch")
+    return torch.device(device)
+
+
+def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0,
+                               weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_model(config: TrainConfig) -> torch.nn.Module:
+    options = {} if config.dropout is None else {"dropout": config.dropout}
+    return create_model(config.model, **options)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+# --- checkpoints -------------------------------------------------------------
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write never leaves a half checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, truncated or not ours."""
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a corrupt file
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is not a mnistjobs checkpoint (version {CHECKPOINT_VERSION})")
+    return state
+
+
+# --- training ----------------------------------------------------------------
+
+def _limit(data: MNIST, config: TrainConfig) -> MNIST:
+    def cut(x, n):
+        return x if n is None else x[:n]
+    return MNIST(cut(data.train_images, config.train_limit), cut(data.train_labels, config.train_limit),
+                 cut(data.test_images, config.test_limit), cut(data.test_labels, config.test_limit))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float]:
+    """Return (mean NLL per sample, accuracy in percent)."""
+    model.eval()
+    loss_sum = None
+    correct = None
+    n = 0
+    for x, y in loader:
+        out = model(x)
+        batch_loss = F.nll_loss(out, y, reduction="sum")
+        batch_correct = (out.argmax(1) == y).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
+        n += y.numel()
+    if n == 0:
+        return float("nan"), float("nan")
+    return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
+# Settings that may differ between a run and its resumption: where it runs, not what it computes.
+_RESUME_FREE = {"device", "data_dir", "eval_batch_size"}
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, path) -> None:
+    current = config.to_dict()
+    changed = [f"{k}={saved.get(k)!r} there, {current[k]!r} here"
+               for k in current if k not in _RESUME_FREE and saved.get(k) != current[k]]
+    if changed:
+        raise CheckpointError(f"checkpoint {path} was written by a run with other settings "
+                              f"({'; '.join(changed)}); resume it with the same settings")
+
+
+ProgressFn = Callable[[int, int, int, float, float], None]
+
+
+def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str | os.PathLike | None = None,
+        resume_from: str | os.PathLike | None = None, progress: ProgressFn | None = None,
+        progress_every: int = 25) -> Iterator[dict[str, Any]]:
+    """Train one model; yield one result dict per epoch (see module docstring).
+
+    ``progress(epoch, batch, n_batches, running_loss, running_acc)`` is called every
+    ``progress_every`` batches and at the last one; it costs one host sync each time.
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    if data is None:
+        data = load_mnist(resolve_data_dir(config.data_dir), config.train_limit, config.test_limit)
+    data = _limit(data, config)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    optimizer = build_optimizer(config, model.parameters())
+    train_loader = DeviceLoader(data.train_images, data.train_labels, config.batch_size, device=device,
+                                shuffle=True, augment=config.augment_config(), seed=config.seed)
+    test_loader = DeviceLoader(data.test_images, data.test_labels, config.eval_batch_size, device=device)
+    scheduler = build_scheduler(config.schedule, optimizer, config.epochs, len(train_loader))
+
+    start_epoch, best_acc, history = 1, -1.0, []
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        _check_resumable(state["config"], config, resume_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        best_acc = float(state["best_test_acc"])
+        history = list(state.get("history", []))
+        torch.set_rng_state(state["rng"]["torch"])
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    n_batches = len(train_loader)
+    for epoch in range(start_epoch, config.epochs + 1):
+        torch.manual_seed(_epoch_seed(config.seed, epoch))  # dropout RNG
+        train_loader.set_epoch(epoch)
+        model.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
+        for i, (x, y) in enumerate(train_loader, 1):
+            out = model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)  # out: log-probs
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step_batch()
+            loss_sum += loss.detach() * y.numel()
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            if progress is not None and (i % progress_every == 0 or i == n_batches):
+                progress(epoch, i, n_batches, loss_sum.item() / seen, 100.0 * correct.item() / seen)
+        lr_used = scheduler.get_lr()
+        train_loss, train_acc = loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - start
+        test_loss, test_acc = evaluate(model, test_loader)
+        scheduler.step_epoch(test_loss)
+        epoch_seconds = time.perf_counter() - start
+        is_best = test_acc > best_acc
+        best_acc = max(best_acc, test_acc)
+        result = {
+            "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+            "test_loss": test_loss, "test_acc": test_acc, "lr": lr_used,
+            "epoch_seconds": epoch_seconds, "train_seconds": train_seconds,
+            "images_per_second": seen / train_seconds if train_seconds > 0 else float("nan"),
+            "checkpoint": None, "best": is_best,
+        }
+        history.append({k: v for k, v in result.items() if k not in ("checkpoint", "best")})
+        if ckpt_dir is not None:
+            state = {
+                "version": CHECKPOINT_VERSION, "epoch": epoch, "config": config.to_dict(),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "best_test_acc": best_acc,
+                "history": history, "rng": {"torch": torch.get_rng_state()},
+            }
+            save_checkpoint(ckpt_dir / "last.pt", state)
+            if is_best:
+                save_checkpoint(ckpt_dir / "best.pt", state)
+            result["checkpoint"] = str(ckpt_dir / "last.pt")
+        yield result

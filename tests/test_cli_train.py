@@ -1,0 +1,90 @@
+"""The foreground commands through the real console entry point (click's runner)."""
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import main
+
+
+@pytest.fixture
+def run(home):
+    def _run(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return _run
+
+
+def test_help_reads_like_documentation(run):
+    out = run("--help").output
+    for cmd in ("train", "models", "data"):
+        assert cmd in out
+    out = run("train", "--help").output
+    assert "--schedule" in out and "onecycle" in out and "MNISTJOBS_DATA_DIR" in out
+
+
+def test_train_one_model_in_the_foreground(run, synthetic_dir, tmp_path):
+    r = run("train", "--model", "v2", "--epochs", "2", "--batch-size", "32", "--data-dir", synthetic_dir,
+            "--checkpoint-dir", tmp_path / "ck", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert len(re.findall(r"Test set: Average loss: [0-9.]+, Accuracy: \d+/256 \([0-9.]+%\)", r.output)) == 2
+    assert "Train Loss=" in r.output and "Accuracy=" in r.output
+    assert "final test accuracy" in r.output
+    assert (tmp_path / "ck" / "last.pt").is_file()
+
+
+def test_train_resumes_an_interrupted_run(run, synthetic_dir, synthetic_data, tmp_path):
+    from mnistnets.train import TrainConfig, fit
+
+    config = TrainConfig(model="v2", epochs=3, batch_size=32, device="cpu", data_dir=str(synthetic_dir))
+    for r in fit(config, data=synthetic_data, checkpoint_dir=tmp_path / "ck"):
+        break  # stopped after epoch 1
+    args = ["train", "--model", "v2", "--batch-size", "32", "--data-dir", synthetic_dir,
+            "--checkpoint-dir", tmp_path / "ck", "--resume", tmp_path / "ck" / "last.pt", "--quiet"]
+    r = run(*args, "--epochs", "3")
+    assert r.exit_code == 0, r.output
+    assert "[epoch 2," in r.output and "[epoch 3," in r.output and "[epoch 1," not in r.output
+    r = run(*args, "--epochs", "4")  # another schedule length: not the same run
+    assert r.exit_code == 2 and "epochs=3 there, 4 here" in r.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--epochs", "0"], "epochs must be an integer >= 1"),
+    (["--batch-size", "0"], "batch_size must be"),
+    (["--model", "v7"], "unknown model 'v7'"),
+    (["--schedule", "onecycle:peak=3"], "no key 'peak'"),
+])
+def test_train_bad_input_exits_2(run, synthetic_dir, tmp_path, args, words):
+    r = run("train", "--data-dir", synthetic_dir, "--checkpoint-dir", tmp_path / "ck", *args)
+    assert r.exit_code == 2, r.output
+    assert words in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "ck").exists()
+
+
+def test_train_missing_data_dir_exits_2_and_names_it(run, tmp_path):
+    r = run("train", "--data-dir", tmp_path / "nowhere", "--epochs", "1")
+    assert r.exit_code == 2
+    assert "nowhere" in r.output and "Traceback" not in r.output
+
+
+def test_models_prints_seed_tables_and_checks(run):
+    r = run("models")
+    assert r.exit_code == 0
+    for total in ("18,214", "10,970", "4,232", "7,932"):
+        assert f"Total params: {total}" in r.output
+    assert "Conv2d-1" in r.output and "receptive" in r.output.lower()
+    r = run("models", "v2", "--no-checks")
+    assert r.output.count("Total params") == 1 and "4,232" in r.output
+    r = run("models", "v9")
+    assert r.exit_code == 2 and "unknown model" in r.output and "v0" in r.output
+
+
+def test_data_reports_counts(run, synthetic_dir):
+    r = run("data", "--data-dir", synthetic_dir)
+    assert r.exit_code == 0, r.output
+    assert "512" in r.output and "256" in r.output
+
+
+def test_data_bad_folder_exits_2(run, tmp_path):
+    (tmp_path / "d").mkdir()
+    r = run("data", "--data-dir", tmp_path / "d")
+    assert r.exit_code == 2 and "train-images" in r.output

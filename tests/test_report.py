@@ -1,0 +1,465 @@
+"""jobs.report and `mnistjobs compare`: MLflow trial runs -> tables, CSV/Markdown, PNG.
+
+The fast tests build the runs/epochs frames by hand. The slow ones start one real MLflow
+server (SQLite backend, free port) for the module, log fake trial runs with MlflowClient under
+the contract's names, and read them back through load_runs and the CLI.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from jobs import report
+from jobs.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JOB_A = "raysubmit_aaaa1111"
+JOB_B = "raysubmit_bbbb2222"
+T0 = 1_700_000_000_000  # ms
+
+# name -> (job, model, params, schedule, seed, status, train_acc per epoch, test_acc per epoch,
+#          wall seconds)
+FAKE = {
+    "v0-onecycle-s1": (JOB_A, "v0", 18214, "onecycle", 1, "FINISHED",
+                       [90.47, 97.43, 97.92, 98.07], [98.00, 99.10, 99.45, 99.41], 120),
+    "v0-onecycle-s2": (JOB_A, "v0", 18214, "onecycle", 2, "FINISHED",
+                       [90.10, 97.20, 97.80, 98.10], [98.20, 99.40, 99.38, 99.51], 125),
+    "v1-onecycle-s1": (JOB_A, "v1", 10970, "onecycle", 1, "FINISHED",
+                       [90.33, 95.19, 96.19, 96.42], [97.50, 98.90, 99.20, 99.43], 100),
+    "v1-onecycle-s2": (JOB_A, "v1", 10970, "onecycle", 2, "FINISHED",  # never reaches 99.4
+                       [90.00, 95.00, 96.00, 96.30], [97.00, 98.50, 99.00, 99.39], 101),
+    "v1-onecycle-s3": (JOB_B, "v1", 10970, "onecycle", 3, "FAILED",  # failed after 2 epochs
+                       [89.00, 94.00], [96.00, 97.50], 40),
+}
+TARGET_COL = report.target_column(99.4)
+
+
+def expected_summary(name):
+    job, model, params, schedule, seed, status, train, test, wall = FAKE[name]
+    best = max(test)
+    reached = [i + 1 for i, v in enumerate(test) if v >= 99.4]
+    return {
+        "final": test[-1], "best": best, "best_epoch": test.index(best) + 1,
+        "first": reached[0] if reached else None, "epochs": len(test), "wall": wall,
+    }
+
+
+def fake_frames(names=None):
+    """runs/epochs frames as load_runs would build them, without MLflow."""
+    names = names or list(FAKE)
+    runs, epochs = [], []
+    for i, name in enumerate(names):
+        job, model, params, schedule, seed, status, train, test, wall = FAKE[name]
+        rid = f"run{i:04d}" + "0" * 24
+        runs.append({"run_id": rid, "run": name, "label": name, "job_id": job, "model": model,
+                     "params": params, "schedule": schedule, "seed": seed, "status": status,
+                     "wall_seconds": float(wall)})
+        for e, (tr, te) in enumerate(zip(train, test), start=1):
+            epochs.append({"run_id": rid, "label": name, "epoch": e, "train_loss": 0.1 / e,
+                           "train_acc": tr, "test_loss": 0.05 / e, "test_acc": te, "lr": 0.01,
+                           "epoch_seconds": wall / len(test), "images_per_second": 5000.0})
+    runs = pd.DataFrame(runs)
+    for col in ("params", "seed"):
+        runs[col] = runs[col].astype("Int64")
+    return runs, pd.DataFrame(epochs)
+
+
+# ----------------------------------------------------------------------------- fast tests
+
+
+def test_epoch_table_side_by_side():
+    runs, epochs = fake_frames()
+    table = report.epoch_table(epochs, runs)
+    assert list(table.columns)[:5] == ["Epoch", "v0-onecycle-s1 Train Acc",
+                                       "v0-onecycle-s1 Test Acc", "v0-onecycle-s2 Train Acc",
+                                       "v0-onecycle-s2 Test Acc"]
+    assert len(table.columns) == 1 + 2 * len(FAKE)
+    assert list(table["Epoch"]) == [1, 2, 3, 4]
+    for name, spec in FAKE.items():
+        train, test = spec[6], spec[7]
+        assert list(table[f"{name} Test Acc"].iloc[: len(test)]) == pytest.approx(test)
+        assert list(table[f"{name} Train Acc"].iloc[: len(train)]) == pytest.approx(train)
+    # the failed run has no epochs 3-4: missing, printed "-"
+    assert table["v1-onecycle-s3 Test Acc"].iloc[2:].isna().all()
+    text = report.render(table, "table")
+    assert "97.43%" in text and "-" in text.splitlines()[-1]
+
+
+def test_summary_final_best_first_epoch():
+    runs, epochs = fake_frames()
+    summary = report.summary_table(runs, epochs, target=99.4).set_index("Run")
+    for name in FAKE:
+        exp, row = expected_summary(name), summary.loc[name]
+        assert row["Final Test Acc"] == pytest.approx(exp["final"])
+        assert row["Best Test Acc"] == pytest.approx(exp["best"])
+        assert row["Best Epoch"] == exp["best_epoch"]
+        assert row["Epochs"] == exp["epochs"]
+        assert row["Wall Seconds"] == pytest.approx(exp["wall"])
+        if exp["first"] is None:
+            assert pd.isna(row[TARGET_COL])
+        else:
+            assert row[TARGET_COL] == exp["first"]
+    # exactly 99.40 counts as reaching 99.4
+    assert summary.loc["v0-onecycle-s2", TARGET_COL] == 2
+    assert summary.loc["v0-onecycle-s1", "Final Test Acc"] != summary.loc["v0-onecycle-s1",
+                                                                         "Best Test Acc"]
+    row = [ln for ln in report.render(summary.reset_index(), "table").splitlines()
+           if ln.startswith("v1-onecycle-s2")][0]
+    assert " - " in row  # never reached 99.4
+    assert "18,214" in report.render(summary.reset_index(), "markdown")
+
+
+def test_group_mean_min_over_finished_seeds():
+    runs, epochs = fake_frames()
+    groups = report.group_table(report.summary_table(runs, epochs)).set_index("Model")
+    assert list(groups.index) == ["v0", "v1"]
+    assert groups.loc["v0", "Seeds"] == 2
+    assert groups.loc["v0", "Mean Final Test Acc"] == pytest.approx((99.41 + 99.51) / 2)
+    assert groups.loc["v0", "Min Final Test Acc"] == pytest.approx(99.41)
+    # the FAILED v1 seed 3 is not counted
+    assert groups.loc["v1", "Seeds"] == 2
+    assert groups.loc["v1", "Mean Final Test Acc"] == pytest.approx((99.43 + 99.39) / 2)
+    assert groups.loc["v1", "Min Final Test Acc"] == pytest.approx(99.39)
+    # a single seed per group -> no group rows
+    runs1, epochs1 = fake_frames(["v0-onecycle-s1", "v1-onecycle-s1"])
+    assert report.group_table(report.summary_table(runs1, epochs1)).empty
+
+
+def parse_markdown(text):
+    lines = [ln for ln in text.strip().splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert set(lines[1].replace("|", "").replace(":", "")) == {"-"}
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+    return header, rows
+
+
+def number(cell):
+    return None if cell in ("", "-") else float(cell.rstrip("%").replace(",", ""))
+
+
+@pytest.mark.parametrize("kind", ["epochs", "summary"])
+def test_csv_and_markdown_parse_back(kind):
+    runs, epochs = fake_frames()
+    df = report.epoch_table(epochs, runs) if kind == "epochs" else report.summary_table(runs,
+                                                                                         epochs)
+    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])]
+
+    back = pd.read_csv(io.StringIO(report.render(df, "csv")))
+    assert list(back.columns) == list(df.columns)
+    for col in numeric:
+        pd.testing.assert_series_equal(back[col].astype("float64"), df[col].astype("float64"),
+                                       check_names=False)
+
+    header, rows = parse_markdown(report.render(df, "markdown"))
+    assert header == list(df.columns)
+    assert len(rows) == len(df)
+    for j, col in enumerate(header):
+        if col in numeric:
+            for i, row in enumerate(rows):
+                want = df[col].iloc[i]
+                got = number(row[j])
+                assert (got is None) if pd.isna(want) else got == pytest.approx(float(want))
+
+
+def test_render_table_aligned_and_bad_format():
+    df = pd.DataFrame({"Run": ["a", "longer-name"], "Test Acc": [99.4, 98.123]})
+    lines = report.render(df, "table").splitlines()
+    assert lines[0].split() == ["Run", "Test", "Acc"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert lines[2].endswith("99.40%") and lines[3].endswith("98.12%")
+    assert len(lines[2]) == len(lines[3])  # right-aligned numbers
+    with pytest.raises(report.ReportError, match="table, csv, markdown"):
+        report.render(df, "html")
+    assert "a \\| b" in report.render(pd.DataFrame({"x": ["a | b"]}), "markdown")
+
+
+def test_render_report_sections():
+    runs, epochs = fake_frames()
+    tables = {"Epochs": report.epoch_table(epochs, runs),
+              "Summary": report.summary_table(runs, epochs)}
+    md = report.render_report(tables, "markdown")
+    assert "## Epochs" in md and "## Summary" in md
+    text = report.render_report(tables, "csv")
+    sections = text.split("\n\n")
+    assert [s.splitlines()[0] for s in sections] == ["# Epochs", "# Summary"]
+    assert len(pd.read_csv(io.StringIO(sections[1].split("\n", 1)[1]))) == len(FAKE)
+
+
+def test_plot_is_png_and_atomic(tmp_path):
+    runs, epochs = fake_frames()
+    out = tmp_path / "plots" / "acc.png"
+    report.plot_accuracy(epochs, runs, out)
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert [p.name for p in out.parent.iterdir()] == ["acc.png"]  # no temp files left
+    # nothing to plot: an error, and the old file stays as it was
+    with pytest.raises(report.ReportError):
+        report.plot_accuracy(epochs.iloc[0:0], runs, out)
+    assert out.read_bytes() == data
+
+
+def test_write_atomic_leaves_nothing_on_error(tmp_path, monkeypatch):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report.os, "replace", boom)
+    with pytest.raises(OSError):
+        report.write_atomic(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_is_a_clear_error():
+    uri = f"http://127.0.0.1:{free_port()}"
+    t = time.monotonic()
+    with pytest.raises(report.ReportError, match="Cannot reach the MLflow tracking server"):
+        report.load_runs(uri)
+    assert time.monotonic() - t < 10
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri])
+    assert result.exit_code == 2
+    assert "Cannot reach" in result.output and "Traceback" not in result.output
+
+
+def test_services_json_fallback(tmp_path, monkeypatch):
+    (tmp_path / "services.json").write_text('{"mlflow_uri": "http://127.0.0.1:5999"}')
+    try:
+        import jobs.services as services
+    except Exception:  # noqa: BLE001 - not written yet
+        services = None
+    if services is not None and hasattr(services, "tracking_uri_for"):
+        monkeypatch.delattr(services, "tracking_uri_for")
+    assert report.default_tracking_uri(tmp_path) == "http://127.0.0.1:5999"
+    assert report.default_tracking_uri(tmp_path / "missing") is None
+
+
+def test_compare_without_any_tracking_uri_exits_2(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "default_tracking_uri", lambda home: None)
+    result = CliRunner().invoke(main, ["compare", "--home", str(tmp_path)],
+                                env={"MLFLOW_TRACKING_URI": None})
+    assert result.exit_code == 2
+    assert "--tracking-uri" in result.output and "MLFLOW_TRACKING_URI" in result.output
+
+
+# ----------------------------------------------------------------------------- real MLflow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow server for this module (SQLite + local artifacts), killed at the end."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(tmp / "server.log", "wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp}/db.sqlite",
+         "--artifacts-destination", str(tmp / "art"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                log.flush()
+                pytest.fail(f"mlflow server exited ({proc.returncode}):\n"
+                            + (tmp / "server.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start in 180 s:\n"
+                            + (tmp / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield uri
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def logged(mlflow_server):
+    """The FAKE trial runs (plus sweep parents and a run elsewhere) logged under contract names."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.create_experiment("mnistjobs")
+    other = client.create_experiment("elsewhere")
+    parents = {}
+    for job in (JOB_A, JOB_B):
+        parent = client.create_run(exp, run_name=f"sweep-{job}", start_time=T0,
+                                   tags={"mnistjobs.job_id": job, "mnistjobs.role": "sweep"})
+        client.log_metric(parent.info.run_id, "test_acc", 1.0, step=1)
+        parents[job] = parent.info.run_id
+    ids = {}
+    for i, (name, spec) in enumerate(FAKE.items()):
+        job, model, params, schedule, seed, status, train, test, wall = spec
+        start = T0 + i * 1000
+        run = client.create_run(exp, run_name=name, start_time=start, tags={
+            "mnistjobs.job_id": job, "mnistjobs.role": "trial", "mnistjobs.trial_id": f"t{i}",
+            "mnistjobs.node": "127.0.0.1", "mnistjobs.device": "cpu",
+            "mlflow.parentRunId": parents[job]})
+        rid = run.info.run_id
+        ps = {"model": model, "params": params, "schedule": schedule, "seed": seed,
+              "optimizer": "sgd", "batch_size": 128, "epochs": 4, "device": "cpu"}
+        metrics = []
+        for e, (tr, te) in enumerate(zip(train, test), start=1):
+            ts = start + e * 10
+            vals = {"train_loss": 0.1 / e, "train_acc": tr, "test_loss": 0.05 / e,
+                    "test_acc": te, "lr": 0.01 * e, "epoch_seconds": wall / len(test),
+                    "images_per_second": 5000.0 + e}
+            metrics += [Metric(k, v, ts, e) for k, v in vals.items()]
+        if name == "v0-onecycle-s1":  # a retried epoch 2 logged first with a stale value
+            metrics.append(Metric("test_acc", 50.0, start + 1, 2))
+        client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in ps.items()])
+        client.set_terminated(rid, status=status, end_time=start + wall * 1000)
+        ids[name] = rid
+    stray = client.create_run(other, run_name="v3-step-s1",
+                              tags={"mnistjobs.role": "trial", "mnistjobs.job_id": JOB_A})
+    client.log_metric(stray.info.run_id, "test_acc", 99.0, step=1)
+    return mlflow_server, ids
+
+
+@pytest.mark.slow
+def test_load_runs_rows_and_values(logged):
+    uri, ids = logged
+    runs, epochs = report.load_runs(uri)
+    assert list(runs["run"]) == list(FAKE)  # sorted by model, schedule, seed; no parents/strays
+    assert set(runs["run_id"]) == set(ids.values())
+    row = runs.set_index("run").loc["v1-onecycle-s3"]
+    assert row["status"] == "FAILED" and row["job_id"] == JOB_B and row["model"] == "v1"
+    assert row["params"] == 10970 and row["seed"] == 3 and row["schedule"] == "onecycle"
+    assert row["wall_seconds"] == pytest.approx(40.0)
+    assert row["start_time"] == pd.Timestamp(T0 + 4000, unit="ms", tz="UTC")
+    assert row["trial_id"] == "t4" and row["device"] == "cpu"
+    assert len(epochs) == sum(len(s[7]) for s in FAKE.values())
+    assert set(report.METRICS) <= set(epochs.columns)
+    for name, spec in FAKE.items():
+        mine = epochs[epochs["run_id"] == ids[name]].sort_values("epoch")
+        assert list(mine["epoch"]) == list(range(1, len(spec[7]) + 1))
+        assert list(mine["test_acc"]) == pytest.approx(spec[7])  # stale retry value dropped
+        assert list(mine["train_acc"]) == pytest.approx(spec[6])
+        assert list(mine["lr"]) == pytest.approx([0.01 * e for e in mine["epoch"]])
+        assert list(mine["images_per_second"]) == pytest.approx([5000.0 + e
+                                                                  for e in mine["epoch"]])
+    # the tables straight from MLflow agree with the hand-built expectations
+    table = report.epoch_table(epochs, runs)
+    assert list(table["v0-onecycle-s1 Test Acc"]) == pytest.approx(FAKE["v0-onecycle-s1"][7])
+    summary = report.summary_table(runs, epochs).set_index("Run")
+    for name in FAKE:
+        exp = expected_summary(name)
+        assert summary.loc[name, "Final Test Acc"] == pytest.approx(exp["final"])
+        assert summary.loc[name, "Best Test Acc"] == pytest.approx(exp["best"])
+        first = summary.loc[name, TARGET_COL]
+        assert (pd.isna(first) if exp["first"] is None else first == exp["first"])
+
+
+@pytest.mark.slow
+def test_load_runs_job_filter_and_errors(logged):
+    uri, ids = logged
+    runs, epochs = report.load_runs(uri, job=JOB_B)
+    assert list(runs["run"]) == ["v1-onecycle-s3"]
+    assert set(epochs["run_id"]) == {ids["v1-onecycle-s3"]}
+    with pytest.raises(report.ReportError, match=f"no trial runs.*{JOB_A}"):
+        report.load_runs(uri, job="raysubmit_nope")
+    with pytest.raises(report.ReportError, match="no MLflow experiment named 'nope'.*mnistjobs"):
+        report.load_runs(uri, experiment="nope")
+
+
+@pytest.mark.slow
+def test_cli_compare_prints_tables(logged, tmp_path):
+    uri, _ = logged
+    plot = tmp_path / "acc.png"
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "Side-by-side epoch table" in out and "Summary" in out
+    assert "v0-onecycle-s1 Train Acc" in out and "99.51%" in out
+    assert "Final test accuracy over seeds" in out
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.slow
+def test_cli_compare_job_filter_and_env_uri(logged):
+    uri, _ = logged
+    result = CliRunner().invoke(main, ["compare", "--job", JOB_B, "--table", "summary"],
+                                env={"MLFLOW_TRACKING_URI": uri})
+    assert result.exit_code == 0, result.output
+    assert "v1-onecycle-s3" in result.output and "FAILED" in result.output
+    assert "v0-onecycle" not in result.output
+
+
+@pytest.mark.slow
+def test_cli_compare_csv_and_markdown_files(logged, tmp_path):
+    uri, _ = logged
+    out = tmp_path / "summary.csv"
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--table", "summary",
+                                       "--format", "csv", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    back = pd.read_csv(out).set_index("Run")
+    for name in FAKE:
+        exp = expected_summary(name)
+        assert back.loc[name, "Final Test Acc"] == pytest.approx(exp["final"])
+        assert back.loc[name, "Best Test Acc"] == pytest.approx(exp["best"])
+        first = back.loc[name, TARGET_COL]
+        assert (math.isnan(first) if exp["first"] is None else first == exp["first"])
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--table", "epochs",
+                                       "--format", "markdown"])
+    assert result.exit_code == 0, result.output
+    header, rows = parse_markdown(result.output)
+    j = header.index("v1-onecycle-s2 Test Acc")
+    assert [number(r[j]) for r in rows] == pytest.approx(FAKE["v1-onecycle-s2"][7])
+    k = header.index("v1-onecycle-s3 Test Acc")
+    assert [number(r[k]) for r in rows][2:] == [None, None]
+
+
+@pytest.mark.slow
+def test_cli_compare_unknown_experiment_and_job_exit_2(logged):
+    uri, _ = logged
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--experiment", "nope"])
+    assert result.exit_code == 2
+    assert "no MLflow experiment named 'nope'" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--job", "raysubmit_x"])
+    assert result.exit_code == 2 and "raysubmit_x" in result.output
+
+
+def test_duplicate_run_names_get_unique_labels():
+    names = ["v0-onecycle-s1", "v0-onecycle-s1", "v1-step-s1"]
+    labels = report._unique_labels(names, ["job1", "job2", "job1"], ["a" * 32, "b" * 32, "c" * 32])
+    assert labels == ["v0-onecycle-s1 (job1)", "v0-onecycle-s1 (job2)", "v1-step-s1"]
+    labels = report._unique_labels(names[:2], ["job1", "job1"], ["a" * 32, "b" * 32])
+    assert labels == ["v0-onecycle-s1 (aaaaaaaa)", "v0-onecycle-s1 (bbbbbbbb)"]

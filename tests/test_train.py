@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from mnistnets.train import CheckpointError, TrainConfig, fit, load_checkpoint, save_checkpoint
+
+
+def _config(**kw):
+    base = dict(model="v2", epochs=3, batch_size=32, schedule="onecycle:max_lr=0.1", seed=3, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_fit_yields_one_result_per_epoch_and_learns(synthetic_data, tmp_path):
+    results = list(fit(_config(), data=synthetic_data, checkpoint_dir=tmp_path))
+    assert [r["epoch"] for r in results] == [1, 2, 3]
+    for r in results:
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds", "images_per_second"):
+            assert isinstance(r[key], float), key
+        assert 0 <= r["test_acc"] <= 100 and r["images_per_second"] > 0
+    assert results[-1]["test_acc"] > 50  # 10 classes: chance is 10%
+    assert results[-1]["test_loss"] < results[0]["test_loss"] or results[0]["test_acc"] > 90
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 3 and len(state["history"]) == 3
+    assert results[-1]["checkpoint"] == str(tmp_path / "last.pt")
+
+
+def test_seeded_runs_are_reproducible_on_cpu(synthetic_data, tmp_path):
+    a = list(fit(_config(epochs=2), data=synthetic_data, checkpoint_dir=tmp_path / "a"))
+    b = list(fit(_config(epochs=2), data=synthetic_data, checkpoint_dir=tmp_path / "b"))
+    c = list(fit(_config(epochs=2, seed=4), data=synthetic_data, checkpoint_dir=tmp_path / "c"))
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    wa, wb, wc = (_weights(tmp_path / x / "last.pt") for x in "abc")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+@pytest.mark.parametrize("model", ["v1", "v3"])  # models with dropout and augmentation on
+def test_resume_from_epoch_k_ends_with_the_same_weights(synthetic_data, tmp_path, model):
+    config = _config(model=model, epochs=3, schedule="onecycle:max_lr=0.05,warmup=0.5")
+    full = list(fit(config, data=synthetic_data, checkpoint_dir=tmp_path / "full"))
+    for r in fit(config, data=synthetic_data, checkpoint_dir=tmp_path / "cut"):
+        if r["epoch"] == 1:
+            break  # "crash" after epoch 1
+    resumed = list(fit(config, data=synthetic_data, checkpoint_dir=tmp_path / "cut",
+                       resume_from=tmp_path / "cut" / "last.pt"))
+    assert [r["epoch"] for r in resumed] == [2, 3]
+    assert [r["test_acc"] for r in resumed] == [r["test_acc"] for r in full[1:]]
+    wf, wr = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    assert len(load_checkpoint(tmp_path / "cut" / "last.pt")["history"]) == 3
+
+
+def test_checkpoint_errors(tmp_path, synthetic_data):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        list(fit(_config(), data=synthetic_data, resume_from=bad))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"version": 1, "payload": _Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    ok = tmp_path / "ok.pt"
+    save_checkpoint(ok, {"version": 1, "x": torch.ones(2)})
+    assert not list(tmp_path.glob("*.tmp"))
+    assert torch.equal(load_checkpoint(ok)["x"], torch.ones(2))
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(epochs=0), "epochs must be an integer >= 1"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(model="v9"), "unknown model 'v9'"),
+    (dict(schedule="warp"), "unknown schedule 'warp'"),
+    (dict(optimizer="lion"), "unknown optimizer 'lion'"),
+    (dict(lr=-1.0), "lr must be"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(device="tpu"), "device must be"),
+])
+def test_validate_rejects_bad_settings(kw, words):
+    with pytest.raises(ValueError, match=words):
+        _config(**kw).validate()
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown training setting"):
+        TrainConfig.from_dict({"modle": "v0"})
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_other_optimizers_and_label_smoothing_train(synthetic_data, optimizer):
+    results = list(fit(_config(epochs=1, optimizer=optimizer, lr=0.003, schedule="cosine",
+                               label_smoothing=0.1, augment=False), data=synthetic_data))
+    assert len(results) == 1 and results[0]["train_loss"] > 0
