@@ -35,17 +35,17 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 128
     optimizer: str = "sgd"
-    lr: float = 0.05
+    lr: float = 0.1  # the peak of the default onecycle schedule
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
+    weight_decay: float = 1e-4
     label_smoothing: float = 0.0
-    schedule: str = "onecycle:max_lr=0.05,pct_start=0.2"
+    schedule: str = "onecycle:pct_start=0.2"
     augment: bool = True
-    rotation: float = 10.0
-    translate: float = 0.1
-    scale: float = 0.1
-    shear: float = 5.0
+    rotation: float = 8.0
+    translate: float = 0.08
+    scale: float = 0.08
+    shear: float = 3.0
     dropout: float | None = None
     seed: int = 1
     device: str = "auto"
