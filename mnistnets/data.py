@@ -109,10 +109,7 @@ def _read_bytes(path: Path) -> bytes:
                 f"probably interrupted or the file damaged: replace it with a fresh copy "
                 f"(`gzip -t {path.name}` checks it), or {_FIX_HINT[0].lower()}{_FIX_HINT[1:]}"
             ) from None
-    if path.name.endswith(".gz"):
-        # A raw IDX file with a .gz name is harmless: read it as raw.
-        pass
-    return data
+    return data  # raw IDX (also when misnamed .gz: the content decides)
 
 
 def _parse_idx(data: bytes, path: Path, ndim: int | None = None) -> torch.Tensor:
