@@ -19,8 +19,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mnistjobs submit --models all --wait
 
-## the whole suite, slow (Ray, MLflow, real data) tests included
+## the whole suite, slow (Ray, MLflow, real data, headless Chromium) tests included
 test: $(STAMP)
+	@bash scripts/ensure-chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## only the fast tests

@@ -1,10 +1,14 @@
-"""Shared fixtures: tiny synthetic MNIST, the real MNIST when present, a state folder."""
+"""Shared fixtures: tiny synthetic MNIST, the real MNIST when present, a state folder, and the
+session's one embedded Ray + MLflow service set (``embedded``, started lazily on first use) with a
+finished tiny sweep on it (``finished_sweep``); both are defined in tests/_service_helpers.py."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pytest
+
+from _service_helpers import embedded, finished_sweep  # noqa: F401  (registered for every test module)
 
 REPO = Path(__file__).resolve().parents[1]
 

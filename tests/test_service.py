@@ -1,5 +1,5 @@
-"""The experiment service end to end: a real local Ray head and a real MLflow server (one set
-for the whole file), tiny synthetic MNIST, CPU only."""
+"""The experiment service end to end: a real local Ray head and a real MLflow server (the
+session's one set, the ``embedded`` fixture of conftest.py), tiny synthetic MNIST, CPU only."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from _service_helpers import embedded, job_id_of, mlflow_client, run_cli, wait_for  # noqa: F401
+from _service_helpers import job_id_of, mlflow_client, run_cli, wait_for
 
 CONTRACT_PARAMS = {"model", "params", "schedule", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
                    "batch_size", "epochs", "seed", "augment", "train_limit", "test_limit", "device",
