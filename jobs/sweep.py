@@ -160,6 +160,16 @@ def _restore(checkpoint, work: Path, name: str,
         f"files in Tune's storage and `mnistjobs resume` the job, or submit the trial as a new job.")
 
 
+def _limit_threads() -> None:
+    """As many torch threads as the trial has CPUs: trials sharing a node must not oversubscribe it
+    (Ray's OMP_NUM_THREADS does not reach a torch imported before it was set)."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
 def train_trial(config: dict[str, Any]) -> None:
     """Tune's function trainable: one trial, resumable from its Tune checkpoint."""
     from ray import tune
@@ -171,6 +181,7 @@ def train_trial(config: dict[str, Any]) -> None:
     from mnistnets.train import TrainConfig, build_model, fit, load_checkpoint, resolve_device
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # no line per checkpoint
+    _limit_threads()
     tracking.fail_fast_requests()  # TrialRun retries; MLflow's own retries would stall training
     trial, job = config["trial"], config["job"]
     cfg = TrainConfig.from_dict(dict(trial["train"]))

@@ -76,7 +76,8 @@ def get_or_create_experiment(mlf: "MlflowClient", name: str) -> str:
 
 def experiment_url(tracking_uri: str, experiment_id: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}"
+        # MLflow 3 opens its GenAI overview for a bare experiment link; this opens the runs table.
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     return tracking_uri
 
 

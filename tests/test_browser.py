@@ -100,14 +100,13 @@ def test_mlflow_ui_shows_the_runs_of_the_experiment(embedded, finished_sweep, ch
     sweep = finished_sweep
     # The experiment page as `submit` prints it: the app loads and shows the experiment by name.
     page = tracking.experiment_url(embedded.mlflow_url, sweep.experiment_id)
-    assert page.endswith(f"/#/experiments/{sweep.experiment_id}")
+    assert page.endswith(f"/#/experiments/{sweep.experiment_id}/runs?workflowType=machine_learning")
     _render_until(chromium, page, [sweep.experiment])
 
     # Its runs table. MLflow 3 nests child runs under their (collapsed) parent when sorted by
     # time; sorted by name the table lists every run, so each name must be in the rendered rows.
-    query = urllib.parse.urlencode({"workflowType": "machine_learning", "orderByKey": "tags.`mlflow.runName`",
-                                    "orderByAsc": "true"})
-    runs_page = f"{page}/runs?{query}"
+    query = urllib.parse.urlencode({"orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"})
+    runs_page = f"{page}&{query}"
     names = [f"sweep-{sweep.job_id}", *sweep.run_names]
     text = _render_until(chromium, runs_page, names)
     assert sweep.experiment in text
