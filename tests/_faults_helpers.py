@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from click.testing import CliRunner
+
+from _service_helpers import job_id_of, wait_for  # noqa: F401  (re-exported for the fault tests)
 
 # The CLI must not pick up a cluster, server or storage from the developer's shell.
 CLEAN_ENV = {"RAY_ADDRESS": None, "MLFLOW_TRACKING_URI": None, "MNISTJOBS_DATA_DIR": None,
@@ -32,23 +32,6 @@ def run_cli(args, *, home):
                               catch_exceptions=False)
 
 
-def job_id_of(output: str) -> str:
-    match = re.search(r"Submitted job (\S+):", output)
-    assert match, output
-    return match.group(1)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-@contextlib.contextmanager
 def service_set(home: Path, *, num_cpus: int, env: dict[str, str] | None = None):
     """A private embedded Ray head + MLflow server; ``env`` goes into their environment (and so
     into every Ray worker and job driver of the set)."""
