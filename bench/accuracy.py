@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=os.environ.get("MNISTJOBS_DATA_DIR", "../shared/data/mnist"))
     parser.add_argument("--models", default="all", help="comma list or 'all'")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 1..N")
+    parser.add_argument("--first-seed", type=int, default=1, help="start the seeds here (N seeds from it)")
+    parser.add_argument("--merge", action="append", default=[], metavar="JSON",
+                        help="add the runs of an earlier bench/out/accuracy-*.json (same recipe) to the summary")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (one process each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
             overrides[key] = json.loads(raw)
         except json.JSONDecodeError:
             overrides[key] = raw
-    jobs = [(m, s) for s in range(1, args.seeds + 1) for m in models]
+    jobs = [(m, s) for s in range(args.first_seed, args.first_seed + args.seeds) for m in models]
     print(f"{len(jobs)} runs, {args.workers} at a time, {args.threads} torch thread(s) each, "
           f"overrides {overrides or 'none'}", flush=True)
     runs = []
@@ -109,6 +112,15 @@ def main(argv=None) -> int:
         futures = [pool.submit(_run, m, s, args.epochs, args.data_dir, args.threads, overrides) for m, s in jobs]
         for f in as_completed(futures):
             runs.append(f.result())
+    for path in args.merge:
+        earlier = json.loads(Path(path).read_text())["runs"]
+        from mnistnets.train import TrainConfig
+
+        recipe = {**TrainConfig().to_dict(), "epochs": args.epochs, "device": "cpu", **overrides}
+        same = [r for r in earlier if r["model"] in models and (r["model"], r["seed"]) not in set(jobs)
+                and all(r["config"].get(k) == v for k, v in recipe.items() if k not in ("model", "seed"))]
+        print(f"merged {len(same)} of {len(earlier)} runs from {path} (the others used another recipe)")
+        runs += same
     report = summarize(runs, models)
     print("\n" + report)
     out = Path(__file__).resolve().parent / "out"
