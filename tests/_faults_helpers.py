@@ -32,6 +32,7 @@ def run_cli(args, *, home):
                               catch_exceptions=False)
 
 
+@contextlib.contextmanager
 def service_set(home: Path, *, num_cpus: int, env: dict[str, str] | None = None):
     """A private embedded Ray head + MLflow server; ``env`` goes into their environment (and so
     into every Ray worker and job driver of the set)."""
