@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import math
 import os
 import shutil
@@ -40,6 +41,26 @@ def _sync(device):
 def _optimizer(model, config):
     from mnistnets.train import build_optimizer
     return build_optimizer(config, model.parameters())
+
+
+def _time_training(config, batches, device) -> float:
+    """Seconds for plain training steps over ``batches`` of (x, y), on a fresh seeded model."""
+    from mnistnets.train import build_model
+
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    opt = _optimizer(model, config)
+    model.train()
+    _sync(device)
+    start = time.perf_counter()
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.nll_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def bench_trainer(config, data) -> float:
@@ -67,8 +88,6 @@ def bench_seed(config, root: Path, device, workers: int, limit: int | None) -> f
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from mnistnets.train import build_model
-
     tf = transforms.Compose([transforms.RandomRotation((-7.0, 7.0), fill=(0,)), transforms.ToTensor(),
                              transforms.Normalize((0.1307,), (0.3081,))])
     ds = datasets.MNIST(str(root), train=True, download=False, transform=tf)
@@ -76,41 +95,13 @@ def bench_seed(config, root: Path, device, workers: int, limit: int | None) -> f
         ds = Subset(ds, range(limit))
     loader = DataLoader(ds, batch_size=config.batch_size, shuffle=True, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
-    opt = _optimizer(model, config)
-    model.train()
-    _sync(device)
-    start = time.perf_counter()
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.nll_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    _sync(device)
-    return time.perf_counter() - start
+    return _time_training(config, loader, device)
 
 
 def bench_compute(config, n_images: int, device) -> float:
-    from mnistnets.train import build_model
-
-    torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
-    opt = _optimizer(model, config)
     x = torch.randn(config.batch_size, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (config.batch_size,), device=device)
-    model.train()
-    steps = math.ceil(n_images / config.batch_size)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = F.nll_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    _sync(device)
-    return time.perf_counter() - start
+    return _time_training(config, itertools.repeat((x, y), math.ceil(n_images / config.batch_size)), device)
 
 
 def main(argv=None) -> int:
