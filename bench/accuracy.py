@@ -1,4 +1,4 @@
-"""Accuracy benchmark: every model, N seeds, the default recipe, real MNIST.
+"""Accuracy benchmark: every model, N seeds, each model's default recipe, real MNIST.
 
 Prints the seed-style side-by-side epoch table (train/test accuracy per model
 per epoch, seed 1) and a summary per model: final-epoch test accuracy (mean and
@@ -30,10 +30,9 @@ def _run(model: str, seed: int, epochs: int, data_dir: str, threads: int, overri
 
     torch.set_num_threads(threads)
     from mnistnets.data import load_mnist
-    from mnistnets.train import TrainConfig, fit
+    from mnistnets.train import fit, recipe_for
 
-    config = TrainConfig.from_dict({**TrainConfig().to_dict(), "model": model, "seed": seed,
-                                    "epochs": epochs, "device": "cpu", **overrides})
+    config = recipe_for(model, **{"seed": seed, "epochs": epochs, "device": "cpu", **overrides}).validate()
     data = load_mnist(data_dir)
     start = time.perf_counter()
     history = []
@@ -44,6 +43,13 @@ def _run(model: str, seed: int, epochs: int, data_dir: str, threads: int, overri
               f"({r['epoch_seconds']:.1f}s)", flush=True)
     return {"model": model, "seed": seed, "config": config.to_dict(), "history": history,
             "seconds": time.perf_counter() - start}
+
+
+def _default_setting(name):
+    """A setting's TrainConfig default (for runs saved before the setting existed)."""
+    from mnistnets.train import TrainConfig
+
+    return getattr(TrainConfig(), name, None)
 
 
 def summarize(runs: list[dict], models: list[str]) -> str:
@@ -114,11 +120,14 @@ def main(argv=None) -> int:
             runs.append(f.result())
     for path in args.merge:
         earlier = json.loads(Path(path).read_text())["runs"]
-        from mnistnets.train import TrainConfig
+        from mnistnets.train import recipe_for
 
-        recipe = {**TrainConfig().to_dict(), "epochs": args.epochs, "device": "cpu", **overrides}
+        def recipe(model):
+            return recipe_for(model, **{"epochs": args.epochs, "device": "cpu", **overrides}).to_dict()
+
         same = [r for r in earlier if r["model"] in models and (r["model"], r["seed"]) not in set(jobs)
-                and all(r["config"].get(k) == v for k, v in recipe.items() if k not in ("model", "seed"))]
+                and all(r["config"].get(k, _default_setting(k)) == v
+                        for k, v in recipe(r["model"]).items() if k not in ("model", "seed"))]
         print(f"merged {len(same)} of {len(earlier)} runs from {path} (the others used another recipe)")
         runs += same
     report = summarize(runs, models)

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     from mnistnets import list_models
     from mnistnets.data import load_mnist
-    from mnistnets.train import TrainConfig, resolve_device
+    from mnistnets.train import recipe_for, resolve_device
 
     device = resolve_device(args.device)
     models = list_models() if args.models == "all" else args.models.split(",")
@@ -131,8 +131,9 @@ def main(argv=None) -> int:
     rows = []
     try:
         for name in models:
-            config = TrainConfig(model=name, epochs=1, batch_size=args.batch_size, device=str(device),
-                                 schedule="constant")
+            # The model's recipe (EMA included), one augmented epoch at a constant LR.
+            config = recipe_for(name, epochs=1, batch_size=args.batch_size, device=str(device),
+                                schedule="constant", clean_epochs=0)
             best = {"trainer": math.inf, "seed": math.inf, "compute": math.inf}
             for r in range(args.rounds):
                 t = {"trainer": bench_trainer(config, data),

@@ -56,6 +56,11 @@ def recipe_options(func):
                      help="Rate of every Dropout2d layer (v1-v3)  [default: per model]"),
         click.option("--augment/--no-augment", default=None,
                      help="Random affine augmentation of training batches  [default: on]"),
+        click.option("--clean-epochs", type=int, default=None, metavar="N",
+                     help="Train the last N epochs on un-augmented images  [default: per model]"),
+        click.option("--ema", type=float, default=None, metavar="DECAY",
+                     help="Evaluate (and checkpoint) an exponential moving average of the weights "
+                          "with this decay per step, e.g. 0.999; 0 turns it off  [default: per model]"),
         click.option("--train-limit", type=int, default=None, help="Train on the first N images only"),
         click.option("--test-limit", type=int, default=None, help="Test on the first N images only"),
         click.option("--data-dir", type=click.Path(file_okay=False), envvar="MNISTJOBS_DATA_DIR",
@@ -294,7 +299,7 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
     from jobs.spec import SpecError, SweepSpec, format_trial_table
     from mnistnets.data import DataError
 
-    train_keys = ("lr", "momentum", "weight_decay", "label_smoothing", "dropout")
+    train_keys = ("lr", "momentum", "weight_decay", "label_smoothing", "dropout", "clean_epochs", "ema")
     train = {k: recipe.pop(k) for k in train_keys if recipe.get(k) is not None}
     for k in train_keys:
         recipe.pop(k, None)
@@ -720,14 +725,14 @@ def train_cmd(model_name, schedule, seed, device, checkpoint_dir, resume_from, q
     seed) and a test line per epoch, writes checkpoints, and ends with a summary.
     """
     from mnistnets.data import DataError, load_mnist, resolve_data_dir
-    from mnistnets.train import CheckpointError, TrainConfig, fit
+    from mnistnets.train import CheckpointError, fit, recipe_for
 
     values = recipe_overrides(**recipe)
-    values.update(model=model_name, seed=seed, device=device)
+    values.update(seed=seed, device=device)
     if schedule is not None:
         values["schedule"] = schedule
     try:
-        config = TrainConfig.from_dict(values).validate()
+        config = recipe_for(model_name, **values).validate()
     except ValueError as exc:
         raise UsageFailure(str(exc)) from None
     state = _state_home(home)

@@ -35,12 +35,6 @@ class SpecError(ValueError):
     """A sweep spec that cannot run; the message says what is wrong and what is valid."""
 
 
-def _default_schedule() -> str:
-    from mnistnets.train import TrainConfig
-
-    return TrainConfig.schedule
-
-
 def split_schedules(values: str | Iterable[str] | None) -> list[str]:
     """Schedule specs from option values. Specs contain commas themselves
     (``onecycle:max_lr=0.05,pct_start=0.2``), so a comma starts a new spec only when what follows
@@ -93,12 +87,12 @@ class SweepSpec:
     """One job: every (model, schedule, seed) of the grid is one trial."""
 
     models: list[str] = field(default_factory=lambda: ["all"])
-    schedules: list[str] = field(default_factory=list)  # empty: TrainConfig's default schedule
+    schedules: list[str] = field(default_factory=list)  # empty: each model's recipe schedule
     seeds: int | list[int] = 1
     epochs: int = 15
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    augment: bool = True
+    batch_size: int | None = None        # None: each model's recipe (mnistnets.train.recipe_for)
+    optimizer: str | None = None
+    augment: bool | None = None
     train_limit: int | None = None
     test_limit: int | None = None
     data_dir: str | None = None
@@ -188,7 +182,8 @@ class SweepSpec:
             except ScheduleError as e:
                 raise SpecError(f"Bad schedule (--schedules): {e}.") from None
         self._check_int("epochs", 1, "--epochs")
-        self._check_int("batch_size", 1, "--batch-size")
+        if self.batch_size is not None:
+            self._check_int("batch_size", 1, "--batch-size")
         for name, option in (("train_limit", "--train-limit"), ("test_limit", "--test-limit")):
             if getattr(self, name) is not None:
                 self._check_int(name, 1, option)
@@ -198,10 +193,11 @@ class SweepSpec:
                                 f"not {self.seeds!r}.")
         else:
             self._check_int("seeds", 1, "--seeds")
-        if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZERS:
-            raise SpecError(f"Unknown optimizer {self.optimizer!r} (--optimizer); valid: {', '.join(OPTIMIZERS)}.")
-        self.optimizer = self.optimizer.lower()
-        if not isinstance(self.augment, bool):
+        if self.optimizer is not None:
+            if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZERS:
+                raise SpecError(f"Unknown optimizer {self.optimizer!r} (--optimizer); valid: {', '.join(OPTIMIZERS)}.")
+            self.optimizer = self.optimizer.lower()
+        if self.augment is not None and not isinstance(self.augment, bool):
             raise SpecError(f"augment must be true or false, not {self.augment!r}.")
         if self.gpus_per_trial is not None:
             g = self.gpus_per_trial
@@ -222,12 +218,16 @@ class SweepSpec:
         clash = sorted(reserved & set(self.train))
         if clash:
             raise SpecError(f"train: {', '.join(clash)} are sweep settings; set them at the top level.")
-        for name, config in self.trials():
+        try:
+            trials = self.trials()
+        except ValueError as e:  # an unknown key under train:
+            raise SpecError(f"train: {e}.") from None
+        for name, config in trials:
             try:
                 TrainConfig.from_dict(config).validate()
             except ValueError as e:
                 raise SpecError(f"Trial {name}: {e}.") from None
-        names = [n for n, _ in self.trials()]
+        names = [n for n, _ in trials]
         if len(set(names)) != len(names):  # pragma: no cover - trials() keeps names unique
             raise SpecError("two trials have the same name")
         return self
@@ -242,12 +242,17 @@ class SweepSpec:
     def seed_list(self) -> list[int]:
         return list(self.seeds) if isinstance(self.seeds, list) else list(range(1, int(self.seeds) + 1))
 
-    def schedule_labels(self) -> list[tuple[str, str]]:
-        """(label, spec) per schedule; the label is the schedule's name, made unique with a number
-        when two specs share a name (``onecycle``, ``onecycle2``)."""
+    def schedule_labels(self, model: str | None = None) -> list[tuple[str, str]]:
+        """(label, spec) per schedule of ``model``'s trials; the label is the schedule's name, made
+        unique with a number when two specs share a name (``onecycle``, ``onecycle2``). With no
+        schedules given, each model runs its recipe's schedule (``model=None``: every model's)."""
         from mnistnets.schedules import parse_schedule
 
-        specs = self.schedules or [_default_schedule()]
+        if self.schedules:
+            specs = list(self.schedules)
+        else:
+            models = split_models(self.models) if model is None else [model]
+            specs = list(dict.fromkeys(self._recipe(m).schedule for m in models))
         labels: list[tuple[str, str]] = []
         counts: dict[str, int] = {}
         for spec in specs:
@@ -256,19 +261,25 @@ class SweepSpec:
             labels.append((name if counts[name] == 1 else f"{name}{counts[name]}", spec))
         return labels
 
+    def _recipe(self, model: str, **settings: Any):
+        """``model``'s default recipe with this spec's settings on top (a TrainConfig)."""
+        from mnistnets.train import recipe_for
+
+        given = {name: getattr(self, name) for name in ("batch_size", "optimizer", "augment")
+                 if getattr(self, name) is not None}
+        return recipe_for(model, **{**self.train, **given, "epochs": self.epochs,
+                                    "train_limit": self.train_limit, "test_limit": self.test_limit,
+                                    "data_dir": self.data_dir, **settings})
+
     def trials(self) -> list[tuple[str, dict[str, Any]]]:
         """``[(name, TrainConfig dict), ...]`` in grid order (model, schedule, seed); names like
-        ``v2-onecycle-s1`` (the MLflow run names)."""
+        ``v2-onecycle-s1`` (the MLflow run names). Settings the spec leaves unset come from each
+        model's default recipe."""
         out = []
         for model in split_models(self.models):
-            for label, schedule in self.schedule_labels():
+            for label, schedule in self.schedule_labels(model):
                 for seed in self.seed_list():
-                    config = {
-                        **self.train, "model": model, "schedule": schedule, "seed": int(seed),
-                        "epochs": self.epochs, "batch_size": self.batch_size, "optimizer": self.optimizer,
-                        "augment": self.augment, "train_limit": self.train_limit,
-                        "test_limit": self.test_limit, "data_dir": self.data_dir,
-                    }
+                    config = self._recipe(model, schedule=schedule, seed=int(seed)).to_dict()
                     out.append((f"{model}-{label}-s{seed}", config))
         return out
 

@@ -302,6 +302,10 @@ def default_storage_path() -> str:
     return str(resolve_home() / "ray_results")
 
 
+def _or_recipe(value):
+    return "per model recipe" if value is None else value
+
+
 def resolve_storage(storage_path: str | None = None) -> str:
     """The storage to hand to Tune: ``storage_path`` (the spec's) or ``default_storage_path()``.
     A URI (``s3://bucket/prefix``) passes through unchanged for Tune's pyarrow filesystems; a
@@ -337,7 +341,8 @@ def run_sweep(spec, job_id: str, *, resume: bool = False, ray_job_id: str | None
     mlf = tracking.client(tracking_uri)
     params = {"models": spec.models, "schedules": ";".join(s for _, s in spec.schedule_labels()),
               "seeds": spec.seed_list(), "trials": len(spec.trials()), "epochs": spec.epochs,
-              "batch_size": spec.batch_size, "optimizer": spec.optimizer, "augment": spec.augment,
+              "batch_size": _or_recipe(spec.batch_size), "optimizer": _or_recipe(spec.optimizer),
+              "augment": _or_recipe(spec.augment),
               "train_limit": spec.train_limit, "test_limit": spec.test_limit,
               "gpus_per_trial": spec.gpus_per_trial, "cpus_per_trial": spec.cpus_per_trial,
               "max_failures": spec.max_failures}

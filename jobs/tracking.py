@@ -10,7 +10,8 @@ Names (the contract the report reads):
   ``mlflow.parentRunId``
 - params: model, params (parameter count), schedule, optimizer, lr, momentum, nesterov,
   weight_decay, batch_size, epochs, seed, augment, train_limit, test_limit, device,
-  label_smoothing, dropout
+  label_smoothing, dropout, rotation, translate, scale, shear (augmentation strengths),
+  clean_epochs, ema
 - metrics per epoch, ``step=epoch``: train_loss, train_acc, test_loss, test_acc, lr,
   epoch_seconds, images_per_second
 - artifacts: model/layers.txt, checkpoints/last.pt, checkpoints/best.pt, plots/accuracy.png,
@@ -46,7 +47,7 @@ EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoc
                  "images_per_second")
 TRIAL_PARAMS = ("model", "params", "schedule", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
                 "batch_size", "epochs", "seed", "augment", "train_limit", "test_limit", "device",
-                "label_smoothing", "dropout")
+                "label_smoothing", "dropout", "rotation", "translate", "scale", "shear", "clean_epochs", "ema")
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 

@@ -9,6 +9,7 @@ an uninterrupted one.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -47,6 +48,9 @@ class TrainConfig:
     scale: float = 0.08
     shear: float = 3.0
     dropout: float | None = None
+    clean_epochs: int = 0   # the last N epochs train on un-augmented images
+    ema: float = 0.0        # decay of an exponential moving average of the weights (0: off);
+    #                         when on, test metrics and checkpoints' "ema" come from the average
     seed: int = 1
     device: str = "auto"
     data_dir: str | None = None
@@ -80,6 +84,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        if not isinstance(self.clean_epochs, int) or isinstance(self.clean_epochs, bool) \
+                or not 0 <= self.clean_epochs <= self.epochs:
+            raise ValueError(f"clean_epochs must be an integer from 0 to epochs ({self.epochs}), "
+                             f"not {self.clean_epochs!r}")
+        if not isinstance(self.ema, (int, float)) or isinstance(self.ema, bool) or not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be a decay in [0, 1) (0: off; e.g. 0.999), not {self.ema!r}")
         for name in ("train_limit", "test_limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -103,6 +113,17 @@ class TrainConfig:
         return self
 
 
+#: Each model's departures from TrainConfig's defaults. TrainConfig's defaults plus these are the
+#: model's default recipe: what `mnistjobs train` and `mnistjobs submit` run unless told otherwise.
+MODEL_RECIPES: dict[str, dict[str, Any]] = {}
+
+
+def recipe_for(model: str, **settings: Any) -> TrainConfig:
+    """The default recipe of ``model`` (TrainConfig's defaults, then ``MODEL_RECIPES[model]``), with
+    ``settings`` given explicitly on top. Unknown settings raise ValueError; values are not validated."""
+    return TrainConfig.from_dict({**MODEL_RECIPES.get(model, {}), **settings, "model": model})
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,6 +145,45 @@ def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 def build_model(config: TrainConfig) -> torch.nn.Module:
     options = {} if config.dropout is None else {"dropout": config.dropout}
     return create_model(config.model, **options)
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights, updated after every optimizer step.
+
+    The average starts as a copy of the model; step t uses decay ``min(decay, (1 + t) / (10 + t))``
+    so that early steps are not dominated by the random initialisation. Float buffers (BatchNorm's
+    running statistics) are averaged too; integer ones are copied.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+        self._pairs(model)
+
+    def _pairs(self, model: torch.nn.Module) -> None:
+        live = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+        avg = list(self.model.parameters()) + [b for b in self.model.buffers() if b.is_floating_point()]
+        self._live, self._avg = live, avg
+        self._live_int = [b for b in model.buffers() if not b.is_floating_point()]
+        self._avg_int = [b for b in self.model.buffers() if not b.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._avg, self._live, 1.0 - d)
+        for a, b in zip(self._avg_int, self._live_int):
+            a.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -223,12 +283,18 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
                                 shuffle=True, augment=config.augment_config(), seed=config.seed)
     test_loader = DeviceLoader(data.test_images, data.test_labels, config.eval_batch_size, device=device)
     scheduler = build_scheduler(config.schedule, optimizer, config.epochs, len(train_loader))
+    ema = WeightEMA(model, config.ema) if config.ema > 0 else None
+    augment = train_loader.augment
 
     start_epoch, best_acc, history = 1, -1.0, []
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         _check_resumable(state["config"], config, resume_from)
-        model.load_state_dict(state["model"])
+        if ema is not None:  # "model" holds the evaluated (averaged) weights, "live" the trained ones
+            model.load_state_dict(state["live"])
+            ema.load_state_dict({"model": state["model"], "updates": state["ema_updates"]})
+        else:
+            model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
@@ -241,6 +307,7 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
     for epoch in range(start_epoch, config.epochs + 1):
         torch.manual_seed(_epoch_seed(config.seed, epoch))  # dropout RNG
         train_loader.set_epoch(epoch)
+        train_loader.augment = None if epoch > config.epochs - config.clean_epochs else augment
         model.train()
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -253,6 +320,8 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
             loss.backward()
             optimizer.step()
             scheduler.step_batch()
+            if ema is not None:
+                ema.update()
             loss_sum += loss.detach() * y.numel()
             correct += (out.detach().argmax(1) == y).sum()
             seen += y.numel()
@@ -263,7 +332,7 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - start
-        test_loss, test_acc = evaluate(model, test_loader)
+        test_loss, test_acc = evaluate(model if ema is None else ema.model, test_loader)
         scheduler.step_epoch(test_loss)
         epoch_seconds = time.perf_counter() - start
         is_best = test_acc > best_acc
@@ -279,10 +348,12 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
         if ckpt_dir is not None:
             state = {
                 "version": CHECKPOINT_VERSION, "epoch": epoch, "config": config.to_dict(),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": (model if ema is None else ema.model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "best_test_acc": best_acc,
                 "history": history, "rng": {"torch": torch.get_rng_state()},
             }
+            if ema is not None:
+                state.update(live=model.state_dict(), ema_updates=ema.updates)
             save_checkpoint(ckpt_dir / "last.pt", state)
             if is_best:
                 save_checkpoint(ckpt_dir / "best.pt", state)

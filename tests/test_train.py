@@ -91,6 +91,9 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     (dict(lr=-1.0), "lr must be"),
     (dict(label_smoothing=1.0), "label_smoothing"),
     (dict(device="tpu"), "device must be"),
+    (dict(ema=1.0), "ema must be a decay"),
+    (dict(ema=-0.1), "ema must be a decay"),
+    (dict(clean_epochs=4), "clean_epochs must be an integer from 0 to epochs"),
 ])
 def test_validate_rejects_bad_settings(kw, words):
     with pytest.raises(ValueError, match=words):
@@ -108,3 +111,66 @@ def test_other_optimizers_and_label_smoothing_train(synthetic_data, optimizer):
     results = list(fit(_config(epochs=1, optimizer=optimizer, lr=0.003, schedule="cosine",
                                label_smoothing=0.1, augment=False), data=synthetic_data))
     assert len(results) == 1 and results[0]["train_loss"] > 0
+
+
+def test_ema_evaluates_and_checkpoints_the_averaged_weights(synthetic_data, tmp_path):
+    from mnistnets.train import build_model, evaluate
+    from mnistnets.data import DeviceLoader
+
+    config = _config(epochs=2, ema=0.9)
+    results = list(fit(config, data=synthetic_data, checkpoint_dir=tmp_path))
+    state = load_checkpoint(tmp_path / "last.pt")
+    avg, live = state["model"], state["live"]
+    assert state["ema_updates"] == 2 * -(-len(synthetic_data.train_labels) // 32)
+    assert not all(torch.equal(avg[k], live[k]) for k in avg)  # an average, not a copy
+    # The reported test accuracy is the averaged weights' accuracy.
+    model = build_model(config)
+    model.load_state_dict(avg)
+    loader = DeviceLoader(synthetic_data.test_images, synthetic_data.test_labels, 1000)
+    assert evaluate(model, loader)[1] == results[-1]["test_acc"]
+    model.load_state_dict(live)
+    assert evaluate(model, loader)[0] != results[-1]["test_loss"]
+
+
+def test_ema_resume_ends_with_the_same_weights(synthetic_data, tmp_path):
+    config = _config(model="v1", epochs=3, ema=0.95, clean_epochs=1)
+    full = list(fit(config, data=synthetic_data, checkpoint_dir=tmp_path / "full"))
+    for r in fit(config, data=synthetic_data, checkpoint_dir=tmp_path / "cut"):
+        break
+    resumed = list(fit(config, data=synthetic_data, checkpoint_dir=tmp_path / "cut",
+                       resume_from=tmp_path / "cut" / "last.pt"))
+    assert [r["test_acc"] for r in resumed] == [r["test_acc"] for r in full[1:]]
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    for key in ("model", "live"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
+def test_clean_epochs_switch_augmentation_off_at_the_end(synthetic_data, monkeypatch):
+    from mnistnets import data as data_mod
+
+    seen = []
+    original = data_mod.DeviceLoader.__iter__
+
+    def spy(self):
+        if self.shuffle:  # the training loader
+            seen.append(self.augment is not None)
+        return original(self)
+
+    monkeypatch.setattr(data_mod.DeviceLoader, "__iter__", spy)
+    list(fit(_config(epochs=3, clean_epochs=2), data=synthetic_data))
+    assert seen == [True, False, False]
+    seen.clear()
+    list(fit(_config(epochs=2, clean_epochs=0), data=synthetic_data))
+    assert seen == [True, True]
+
+
+def test_model_recipes_fill_in_what_is_not_given(monkeypatch):
+    from mnistnets import train
+
+    monkeypatch.setitem(train.MODEL_RECIPES, "v2", {"weight_decay": 5e-5, "dropout": 0.0})
+    c = train.recipe_for("v2", seed=4)
+    assert (c.model, c.seed, c.weight_decay, c.dropout, c.lr) == ("v2", 4, 5e-5, 0.0, TrainConfig.lr)
+    assert train.recipe_for("v2", weight_decay=1e-3).weight_decay == 1e-3  # given beats recipe
+    assert train.recipe_for("v1") == TrainConfig(model="v1")
+    with pytest.raises(ValueError, match="unknown training setting"):
+        train.recipe_for("v2", wd=1)
