@@ -61,6 +61,10 @@ def recipe_options(func):
         click.option("--ema", type=float, default=None, metavar="DECAY",
                      help="Evaluate (and checkpoint) an exponential moving average of the weights "
                           "with this decay per step, e.g. 0.999; 0 turns it off  [default: per model]"),
+        click.option("--tta", type=click.Choice(["none", "shift4", "shift8"]), default=None,
+                     help="After the last epoch, also report test accuracy with test-time augmentation: "
+                          "the mean prediction over the image and its 4 or 8 one-pixel shifts "
+                          "(metric tta_test_acc)  [default: per model]"),
         click.option("--train-limit", type=int, default=None, help="Train on the first N images only"),
         click.option("--test-limit", type=int, default=None, help="Test on the first N images only"),
         click.option("--data-dir", type=click.Path(file_okay=False), envvar="MNISTJOBS_DATA_DIR",
@@ -299,7 +303,7 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
     from jobs.spec import SpecError, SweepSpec, format_trial_table
     from mnistnets.data import DataError
 
-    train_keys = ("lr", "momentum", "weight_decay", "label_smoothing", "dropout", "clean_epochs", "ema")
+    train_keys = ("lr", "momentum", "weight_decay", "label_smoothing", "dropout", "clean_epochs", "ema", "tta")
     train = {k: recipe.pop(k) for k in train_keys if recipe.get(k) is not None}
     for k in train_keys:
         recipe.pop(k, None)
@@ -773,6 +777,9 @@ def train_cmd(model_name, schedule, seed, device, checkpoint_dir, resume_from, q
                        f"{round(r['test_acc'] * n_test / 100)}/{n_test} ({r['test_acc']:.2f}%)"
                        f"  [epoch {r['epoch']}, lr {r['lr']:.4g}, {r['epoch_seconds']:.1f}s, "
                        f"{r['images_per_second']:.0f} img/s]")
+            if "tta_test_acc" in r:
+                click.echo(f"Test set with test-time augmentation ({config.tta}): Average loss: "
+                           f"{r['tta_test_loss']:.4f}, Accuracy: {r['tta_test_acc']:.2f}%")
             results.append(r)
     except CheckpointError as exc:
         raise UsageFailure(str(exc)) from None
@@ -783,7 +790,8 @@ def train_cmd(model_name, schedule, seed, device, checkpoint_dir, resume_from, q
         best = max(results, key=lambda r: r["test_acc"])
         final = results[-1]
         total = sum(r["epoch_seconds"] for r in results)
-        click.echo(f"\nfinal test accuracy {final['test_acc']:.2f}% at epoch {final['epoch']}; "
+        tta = f" ({final['tta_test_acc']:.2f}% with {config.tta} TTA)" if "tta_test_acc" in final else ""
+        click.echo(f"\nfinal test accuracy {final['test_acc']:.2f}%{tta} at epoch {final['epoch']}; "
                    f"best {best['test_acc']:.2f}% at epoch {best['epoch']}; "
                    f"{total:.1f}s training; checkpoints: {ckpt}")
 

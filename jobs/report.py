@@ -41,6 +41,7 @@ METRICS = (
     "lr",
     "epoch_seconds",
     "images_per_second",
+    "tta_test_acc",  # the last epoch only, when the run's recipe asks for test-time augmentation
 )
 FORMATS = ("table", "csv", "markdown")
 
@@ -286,7 +287,9 @@ def summary_table(
         mine = epochs[epochs["run_id"] == run_id].sort_values("epoch")
         mine = mine.drop_duplicates("epoch", keep="last")
         acc = mine.dropna(subset=["test_acc"])
-        final = best = best_epoch = first = pd.NA
+        final = best = best_epoch = first = tta = pd.NA
+        if "tta_test_acc" in mine and mine["tta_test_acc"].notna().any():
+            tta = round(float(mine["tta_test_acc"].dropna().iloc[-1]), 2)
         if len(acc):
             final = round(float(acc["test_acc"].iloc[-1]), 2)
             best_row = acc.loc[acc["test_acc"].idxmax()]
@@ -305,6 +308,7 @@ def summary_table(
             "Seed": run.get("seed", pd.NA),
             "Status": run.get("status", ""),
             "Final Test Acc": final,
+            "Final TTA Acc": tta,
             "Best Test Acc": best,
             "Best Epoch": best_epoch,
             target_column(target): first,
@@ -312,12 +316,12 @@ def summary_table(
             "Wall Seconds": round(float(wall), 1) if not pd.isna(wall) else math.nan,
         })
     table = pd.DataFrame(rows, columns=[
-        "Run", "Model", "Params", "Schedule", "Seed", "Status", "Final Test Acc",
+        "Run", "Model", "Params", "Schedule", "Seed", "Status", "Final Test Acc", "Final TTA Acc",
         "Best Test Acc", "Best Epoch", target_column(target), "Epochs", "Wall Seconds",
     ])
     for col in ("Params", "Seed", "Best Epoch", target_column(target), "Epochs"):
         table[col] = table[col].astype("Int64")
-    for col in ("Final Test Acc", "Best Test Acc", "Wall Seconds"):
+    for col in ("Final Test Acc", "Final TTA Acc", "Best Test Acc", "Wall Seconds"):
         table[col] = pd.to_numeric(table[col]).astype("float64")
     return table
 
@@ -328,7 +332,7 @@ def group_table(summary: pd.DataFrame) -> pd.DataFrame:
     Only groups with two or more finished runs appear (empty frame when there are none).
     """
     columns = ["Model", "Schedule", "Seeds", "Mean Final Test Acc", "Min Final Test Acc",
-               "Max Final Test Acc", "Mean Best Test Acc"]
+               "Max Final Test Acc", "Mean Best Test Acc", "Mean Final TTA Acc", "Min Final TTA Acc"]
     done = summary[(summary["Status"] == "FINISHED") & summary["Final Test Acc"].notna()]
     rows = []
     for (model, schedule), grp in done.groupby(["Model", "Schedule"], sort=False):
@@ -342,6 +346,8 @@ def group_table(summary: pd.DataFrame) -> pd.DataFrame:
             "Min Final Test Acc": round(float(grp["Final Test Acc"].min()), 2),
             "Max Final Test Acc": round(float(grp["Final Test Acc"].max()), 2),
             "Mean Best Test Acc": round(float(grp["Best Test Acc"].mean()), 2),
+            "Mean Final TTA Acc": round(float(grp["Final TTA Acc"].mean()), 2),  # NaN without TTA
+            "Min Final TTA Acc": round(float(grp["Final TTA Acc"].min()), 2),
         })
     table = pd.DataFrame(rows, columns=columns)
     table["Seeds"] = table["Seeds"].astype("int64")

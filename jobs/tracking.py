@@ -11,9 +11,10 @@ Names (the contract the report reads):
 - params: model, params (parameter count), schedule, optimizer, lr, momentum, nesterov,
   weight_decay, batch_size, epochs, seed, augment, train_limit, test_limit, device,
   label_smoothing, dropout, rotation, translate, scale, shear (augmentation strengths),
-  clean_epochs, ema
+  clean_epochs, ema, tta
 - metrics per epoch, ``step=epoch``: train_loss, train_acc, test_loss, test_acc, lr,
-  epoch_seconds, images_per_second
+  epoch_seconds, images_per_second; tta_test_loss and tta_test_acc after the last epoch when the
+  recipe's ``tta`` asks for test-time augmentation
 - artifacts: model/layers.txt, checkpoints/last.pt, checkpoints/best.pt, plots/accuracy.png,
   plots/loss.png
 
@@ -44,10 +45,10 @@ TAG_DEVICE = "mnistjobs.device"
 TAG_RAY_JOB = "mnistjobs.ray_job_id"
 TAG_PARENT = "mlflow.parentRunId"
 EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
-                 "images_per_second")
+                 "images_per_second", "tta_test_loss", "tta_test_acc")  # tta_*: last epoch, when asked
 TRIAL_PARAMS = ("model", "params", "schedule", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
                 "batch_size", "epochs", "seed", "augment", "train_limit", "test_limit", "device",
-                "label_smoothing", "dropout", "rotation", "translate", "scale", "shear", "clean_epochs", "ema")
+                "label_smoothing", "dropout", "rotation", "translate", "scale", "shear", "clean_epochs", "ema", "tta")
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 

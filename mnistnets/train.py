@@ -20,11 +20,17 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .data import MNIST, AugmentConfig, DeviceLoader, load_mnist, resolve_data_dir
+from .data import MNIST, MNIST_MEAN, MNIST_STD, AugmentConfig, DeviceLoader, load_mnist, resolve_data_dir
 from .models import create_model, list_models
 from .schedules import build_scheduler, parse_schedule
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+#: Test-time augmentation: the test image plus its one-pixel shifts (background fill); the
+#: prediction is the mean of the views' probabilities. "shift4": left/right/up/down, "shift8": and
+#: the four diagonals.
+TTA_VIEWS = {"none": ((0, 0),),
+             "shift4": ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0)),
+             "shift8": ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))}
 CHECKPOINT_VERSION = 1
 
 
@@ -50,7 +56,8 @@ class TrainConfig:
     dropout: float | None = None
     clean_epochs: int = 0   # the last N epochs train on un-augmented images
     ema: float = 0.0        # decay of an exponential moving average of the weights (0: off);
-    #                         when on, test metrics and checkpoints' "ema" come from the average
+    #                         when on, test metrics and checkpoints' "model" come from the average
+    tta: str = "shift8"     # after the last epoch, also test with test-time augmentation (TTA_VIEWS)
     seed: int = 1
     device: str = "auto"
     data_dir: str | None = None
@@ -90,6 +97,8 @@ class TrainConfig:
                              f"not {self.clean_epochs!r}")
         if not isinstance(self.ema, (int, float)) or isinstance(self.ema, bool) or not 0 <= self.ema < 1:
             raise ValueError(f"ema must be a decay in [0, 1) (0: off; e.g. 0.999), not {self.ema!r}")
+        if self.tta not in TTA_VIEWS:
+            raise ValueError(f"unknown tta {self.tta!r}; valid: {', '.join(TTA_VIEWS)}")
         for name in ("train_limit", "test_limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -246,14 +255,44 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float
     return loss_sum.item() / n, 100.0 * correct.item() / n
 
 
+def shift_images(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
+    """``x`` [B,C,H,W] moved by (dy, dx) pixels; uncovered pixels get ``fill``."""
+    if dy == 0 and dx == 0:
+        return x
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), value=fill)
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[..., top:top + h, left:left + w]
+
+
+@torch.no_grad()
+def evaluate_tta(model: torch.nn.Module, loader: DeviceLoader, tta: str) -> tuple[float, float]:
+    """Like ``evaluate``, predicting from the mean probability over the ``TTA_VIEWS[tta]`` views."""
+    model.eval()
+    fill = -MNIST_MEAN / MNIST_STD  # a blank (0) pixel after normalisation
+    loss_sum = correct = None
+    n = 0
+    for x, y in loader:
+        prob = torch.stack([model(shift_images(x, dy, dx, fill)).exp() for dy, dx in TTA_VIEWS[tta]]).mean(0)
+        batch_loss = F.nll_loss(prob.clamp_min(1e-12).log(), y, reduction="sum")
+        batch_correct = (prob.argmax(1) == y).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
+        n += y.numel()
+    if n == 0:
+        return float("nan"), float("nan")
+    return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
 # Settings that may differ between a run and its resumption: where it runs, not what it computes.
-_RESUME_FREE = {"device", "data_dir", "eval_batch_size"}
+_RESUME_FREE = {"device", "data_dir", "eval_batch_size", "tta"}
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, path) -> None:
     current = config.to_dict()
     changed = [f"{k}={saved.get(k)!r} there, {current[k]!r} here"
-               for k in current if k not in _RESUME_FREE and saved.get(k) != current[k]]
+               for k in current if k not in _RESUME_FREE
+               and saved.get(k, getattr(TrainConfig, k, None)) != current[k]]  # older checkpoints lack newer settings
     if changed:
         raise CheckpointError(f"checkpoint {path} was written by a run with other settings "
                               f"({'; '.join(changed)}); resume it with the same settings")
@@ -344,6 +383,9 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
             "images_per_second": seen / train_seconds if train_seconds > 0 else float("nan"),
             "checkpoint": None, "best": is_best,
         }
+        if config.tta != "none" and epoch == config.epochs:
+            result["tta_test_loss"], result["tta_test_acc"] = evaluate_tta(
+                model if ema is None else ema.model, test_loader, config.tta)
         history.append({k: v for k, v in result.items() if k not in ("checkpoint", "best")})
         if ckpt_dir is not None:
             state = {

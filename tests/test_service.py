@@ -14,7 +14,7 @@ from _service_helpers import job_id_of, mlflow_client, run_cli, wait_for
 CONTRACT_PARAMS = {"model", "params", "schedule", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
                    "batch_size", "epochs", "seed", "augment", "train_limit", "test_limit", "device",
                    "label_smoothing", "dropout", "rotation", "translate", "scale", "shear", "clean_epochs",
-                   "ema"}
+                   "ema", "tta"}
 EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds", "images_per_second")
 ARTIFACTS = {"model/layers.txt", "checkpoints/last.pt", "checkpoints/best.pt", "plots/accuracy.png",
              "plots/loss.png"}

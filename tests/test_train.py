@@ -174,3 +174,35 @@ def test_model_recipes_fill_in_what_is_not_given(monkeypatch):
     assert train.recipe_for("v1") == TrainConfig(model="v1")
     with pytest.raises(ValueError, match="unknown training setting"):
         train.recipe_for("v2", wd=1)
+
+
+def test_shift_images_moves_pixels_and_fills_the_border():
+    from mnistnets.train import shift_images
+
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    right = shift_images(x, 0, 1, fill=-1.0)
+    assert torch.equal(right[0, 0, :, 1:], x[0, 0, :, :3]) and (right[0, 0, :, 0] == -1).all()
+    up = shift_images(x, -1, 0, fill=-1.0)
+    assert torch.equal(up[0, 0, :3], x[0, 0, 1:]) and (up[0, 0, 3] == -1).all()
+    diag = shift_images(x, 1, -1, fill=0.0)
+    assert diag[0, 0, 1, 0] == x[0, 0, 0, 1] and diag.shape == x.shape
+    assert shift_images(x, 0, 0, fill=5.0) is x
+
+
+def test_tta_is_reported_after_the_last_epoch_only(synthetic_data, tmp_path):
+    from mnistnets.data import DeviceLoader
+    from mnistnets.train import build_model, evaluate, evaluate_tta
+
+    results = list(fit(_config(epochs=2, tta="shift8"), data=synthetic_data, checkpoint_dir=tmp_path))
+    assert "tta_test_acc" not in results[0]
+    last = results[-1]
+    assert 0 <= last["tta_test_acc"] <= 100 and last["tta_test_loss"] > 0
+    model = build_model(_config())
+    model.load_state_dict(load_checkpoint(tmp_path / "last.pt")["model"])
+    loader = DeviceLoader(synthetic_data.test_images, synthetic_data.test_labels, 1000)
+    assert evaluate_tta(model, loader, "shift8")[1] == last["tta_test_acc"]
+    # One view is plain evaluation.
+    assert evaluate_tta(model, loader, "none")[1] == evaluate(model, loader)[1] == last["test_acc"]
+    assert load_checkpoint(tmp_path / "last.pt")["history"][-1]["tta_test_acc"] == last["tta_test_acc"]
+    with pytest.raises(ValueError, match="unknown tta"):
+        _config(tta="rot").validate()
