@@ -667,7 +667,8 @@ def models_cmd(names: tuple[str, ...], checks: bool) -> None:
 
     The table has the seed's columns (Layer (type), Output Shape, Param #) and
     totals; the checks count BatchNorm, Dropout (Dropout2d included), Linear and
-    global-pooling layers and give the receptive field.
+    global-pooling layers and give the receptive field. The last line is the
+    model's default training recipe (what `train` and `submit` run unless told otherwise).
     """
     from mnistnets import create_model, list_models
     from mnistnets.summary import format_checks, format_table
@@ -683,7 +684,29 @@ def models_cmd(names: tuple[str, ...], checks: bool) -> None:
         click.echo(format_table(model))
         if checks:
             click.echo(format_checks(model))
+        click.echo(f"default recipe: {recipe_text(name)}")
         click.echo("")
+
+
+def recipe_text(model: str) -> str:
+    """The model's default recipe in one line: the shared defaults and the model's own settings."""
+    from mnistnets.train import MODEL_RECIPES, TrainConfig
+
+    c = TrainConfig()
+    own = MODEL_RECIPES.get(model, {})
+    text = (f"{c.optimizer} (nesterov, momentum {c.momentum:g}), batch {c.batch_size}, {c.epochs} epochs, "
+            f"schedule {c.schedule}, lr {c.lr:g}, weight decay {c.weight_decay:g}, affine warp "
+            f"(rotation {c.rotation:g}, translate {c.translate:g}, scale {c.scale:g}, shear {c.shear:g}), "
+            f"tta {c.tta}")
+    from mnistnets import create_model
+
+    rate = create_model(model).dropout_rate
+    if rate is not None and "dropout" not in own:
+        text += f", dropout {rate:g}"
+    if own:
+        text += "; this model: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in own.items())
+    return text
 
 
 @main.command("data")

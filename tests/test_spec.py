@@ -192,3 +192,27 @@ def test_dry_run_prints_trials(tmp_path):
     assert result.exit_code == 0, result.output
     assert "8 trials" in result.output and "v2-cosine-s2" in result.output
     assert not (tmp_path / "home").exists()
+
+
+def test_unset_settings_come_from_each_models_recipe(monkeypatch):
+    from mnistnets import train
+
+    monkeypatch.setitem(train.MODEL_RECIPES, "v2", {"lr": 0.3, "batch_size": 64, "ema": 0.999,
+                                                    "schedule": "cosine"})
+    spec = SweepSpec(models=["v0", "v2"], seeds=1).validate()
+    configs = dict(spec.trials())
+    assert set(configs) == {"v0-onecycle-s1", "v2-cosine-s1"}  # v2's recipe schedule names its runs
+    v0, v2 = configs["v0-onecycle-s1"], configs["v2-cosine-s1"]
+    assert (v0["lr"], v0["batch_size"], v0["ema"]) == (TrainConfig.lr, TrainConfig.batch_size, 0.0)
+    assert (v2["lr"], v2["batch_size"], v2["ema"], v2["schedule"]) == (0.3, 64, 0.999, "cosine")
+    assert "64" in format_trial_table(spec).splitlines()[2]
+    # Settings given explicitly (top level, train:, or a schedule) beat the recipe, for every model.
+    given = dict(SweepSpec(models=["v2"], batch_size=32, schedules=["step"], train={"lr": 0.05}).validate().trials())
+    assert (given["v2-step-s1"]["batch_size"], given["v2-step-s1"]["lr"]) == (32, 0.05)
+    assert given["v2-step-s1"]["ema"] == 0.999  # what was not given still comes from the recipe
+    assert "onecycle, cosine" in SweepSpec(models=["v0", "v2"]).validate().summary()
+
+
+def test_unknown_train_setting_is_a_spec_error():
+    with pytest.raises(SpecError, match="unknown training setting"):
+        SweepSpec(models=["v0"], train={"wd": 1}).validate()
