@@ -38,8 +38,9 @@ def main() -> None:
 def recipe_options(func):
     """The training-recipe options shared by `train` and `submit`.
 
-    Defaults come from mnistnets.train.TrainConfig, the one place the recipe lives.
-    Each option's value reaches the command as a keyword of the same name
+    Defaults come from mnistnets.train (TrainConfig's defaults, MODEL_RECIPES' per-model settings),
+    the one place the recipe lives; the "[default: ...]" texts below repeat them for --help without
+    importing torch, and tests/test_cli_train.py checks that they agree. Each option's value reaches the command as a keyword of the same name
     (batch_size, optimizer, lr, ...), None meaning "the recipe's default".
     """
     options = [
@@ -48,23 +49,24 @@ def recipe_options(func):
         click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default=None,
                      help="Optimizer  [default: sgd, Nesterov momentum 0.9]"),
         click.option("--lr", type=float, default=None,
-                     help="Base learning rate (the peak of the default onecycle); a schedule's max_lr overrides it  [default: 0.1]"),
+                     help="Base learning rate (the peak of the default onecycle); a schedule's max_lr overrides it  "
+                          "[default: 0.1; v2: 0.3]"),
         click.option("--momentum", type=float, default=None, help="SGD momentum  [default: 0.9]"),
-        click.option("--weight-decay", type=float, default=None, help="Weight decay  [default: 1e-4]"),
-        click.option("--label-smoothing", type=float, default=None, help="Label smoothing  [default: 0]"),
+        click.option("--weight-decay", type=float, default=None, help="Weight decay  [default: 1e-4; v0: 5e-4, v2: 5e-5]"),
+        click.option("--label-smoothing", type=float, default=None, help="Label smoothing  [default: 0; v0: 0.05]"),
         click.option("--dropout", type=float, default=None,
-                     help="Rate of every Dropout2d layer (v1-v3)  [default: per model]"),
+                     help="Rate of every Dropout2d layer (v1-v3)  [default: the model's own; v2: 0]"),
         click.option("--augment/--no-augment", default=None,
                      help="Random affine augmentation of training batches  [default: on]"),
         click.option("--clean-epochs", type=int, default=None, metavar="N",
-                     help="Train the last N epochs on un-augmented images  [default: per model]"),
+                     help="Train the last N epochs on un-augmented images  [default: 0; v2: 2]"),
         click.option("--ema", type=float, default=None, metavar="DECAY",
                      help="Evaluate (and checkpoint) an exponential moving average of the weights "
-                          "with this decay per step, e.g. 0.999; 0 turns it off  [default: per model]"),
+                          "with this decay per step; 0 turns it off  [default: 0; v0, v2: 0.999]"),
         click.option("--tta", type=click.Choice(["none", "shift4", "shift8"]), default=None,
                      help="After the last epoch, also report test accuracy with test-time augmentation: "
                           "the mean prediction over the image and its 4 or 8 one-pixel shifts "
-                          "(metric tta_test_acc)  [default: per model]"),
+                          "(metric tta_test_acc)  [default: shift8]"),
         click.option("--train-limit", type=int, default=None, help="Train on the first N images only"),
         click.option("--test-limit", type=int, default=None, help="Test on the first N images only"),
         click.option("--data-dir", type=click.Path(file_okay=False), envvar="MNISTJOBS_DATA_DIR",

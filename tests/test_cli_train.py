@@ -22,6 +22,41 @@ def test_help_reads_like_documentation(run):
     assert "--schedule" in out and "onecycle" in out and "MNISTJOBS_DATA_DIR" in out
 
 
+def _help_default(help_text: str, option: str) -> str:
+    """The "[default: ...]" text of ``option`` in a --help page (click wraps long lines)."""
+    flat = " ".join(help_text.split())
+    m = re.search(r"\s" + re.escape(option) + r"\b(?:(?! --[a-z]).)*?\[default: ([^\]]*)\]", flat)
+    assert m, f"{option} has no [default: ...] in --help"
+    return m.group(1)
+
+
+@pytest.mark.parametrize("command", ["train", "submit"])
+def test_help_defaults_agree_with_the_recipes(run, command):
+    """--help repeats the recipe without importing torch; this keeps it true to mnistnets.train."""
+    from mnistnets.train import MODEL_RECIPES, TrainConfig
+
+    out = run(command, "--help").output
+    c = TrainConfig()
+    for option, field, shared in [("--lr", "lr", f"{c.lr:g}"),
+                                  ("--weight-decay", "weight_decay", f"{c.weight_decay:.0e}".replace("e-0", "e-")),
+                                  ("--label-smoothing", "label_smoothing", f"{c.label_smoothing:g}"),
+                                  ("--clean-epochs", "clean_epochs", f"{c.clean_epochs}"),
+                                  ("--ema", "ema", f"{c.ema:g}"),
+                                  ("--batch-size", "batch_size", f"{c.batch_size}"),
+                                  ("--tta", "tta", c.tta),
+                                  ("--dropout", "dropout", "the model's own")]:
+        text = _help_default(out, option)
+        assert text.split(";")[0] == shared, (option, text)
+        by_model = {}
+        for names, value in re.findall(r"((?:v\d+, )*v\d+): ([^,;]+)", text):
+            for name in names.split(", "):
+                by_model[name] = value
+        expected = {m: r[field] for m, r in MODEL_RECIPES.items() if field in r}
+        assert set(by_model) == set(expected), (option, text)
+        for name, value in expected.items():
+            assert float(by_model[name]) == float(value), (option, name, text)
+
+
 def test_train_one_model_in_the_foreground(run, synthetic_dir, tmp_path):
     r = run("train", "--model", "v2", "--epochs", "2", "--batch-size", "32", "--data-dir", synthetic_dir,
             "--checkpoint-dir", tmp_path / "ck", "--device", "cpu")
@@ -33,9 +68,10 @@ def test_train_one_model_in_the_foreground(run, synthetic_dir, tmp_path):
 
 
 def test_train_resumes_an_interrupted_run(run, synthetic_dir, synthetic_data, tmp_path):
-    from mnistnets.train import TrainConfig, fit
+    from mnistnets.train import fit, recipe_for
 
-    config = TrainConfig(model="v2", epochs=3, batch_size=32, device="cpu", data_dir=str(synthetic_dir))
+    # v2's default recipe, as `train` builds it (a checkpoint resumes only the same recipe)
+    config = recipe_for("v2", epochs=3, batch_size=32, device="cpu", data_dir=str(synthetic_dir))
     for r in fit(config, data=synthetic_data, checkpoint_dir=tmp_path / "ck"):
         break  # stopped after epoch 1
     args = ["train", "--model", "v2", "--batch-size", "32", "--data-dir", synthetic_dir,
@@ -74,6 +110,7 @@ def test_models_prints_seed_tables_and_checks(run):
     assert "Conv2d-1" in r.output and "receptive" in r.output.lower()
     r = run("models", "v2", "--no-checks")
     assert r.output.count("Total params") == 1 and "4,232" in r.output
+    assert "default recipe: sgd" in r.output and "this model: lr 0.3," in r.output
     r = run("models", "v9")
     assert r.exit_code == 2 and "unknown model" in r.output and "v0" in r.output
 
