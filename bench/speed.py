@@ -7,7 +7,8 @@
 3. compute   - pure compute: the same model, optimizer and batch size on one fixed
                random tensor (no data, no augmentation), the same number of batches.
 
-All three train the same model with the same optimizer at the same batch size.
+All three train the same model with the same optimizer (and the recipe's weight EMA, for the
+models whose recipe has one) at the same batch size.
 Rounds are interleaved (A B C, A B C, ...) and each pipeline's fastest round is
 kept, because this machine is noisy. Prints seconds per epoch and the ratios
 trainer/seed (goal <= 0.6) and trainer/compute (goal <= 1.1).
@@ -44,12 +45,14 @@ def _optimizer(model, config):
 
 
 def _time_training(config, batches, device) -> float:
-    """Seconds for plain training steps over ``batches`` of (x, y), on a fresh seeded model."""
-    from mnistnets.train import build_model
+    """Seconds for plain training steps over ``batches`` of (x, y), on a fresh seeded model: the
+    recipe's model, optimizer and weight EMA (when the recipe has one), as the trainer steps them."""
+    from mnistnets.train import WeightEMA, build_model
 
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
     opt = _optimizer(model, config)
+    ema = WeightEMA(model, config.ema) if config.ema > 0 else None
     model.train()
     _sync(device)
     start = time.perf_counter()
@@ -59,6 +62,8 @@ def _time_training(config, batches, device) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update()
     _sync(device)
     return time.perf_counter() - start
 

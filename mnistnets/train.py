@@ -135,8 +135,15 @@ MODEL_RECIPES: dict[str, dict[str, Any]] = {
 
 def recipe_for(model: str, **settings: Any) -> TrainConfig:
     """The default recipe of ``model`` (TrainConfig's defaults, then ``MODEL_RECIPES[model]``), with
-    ``settings`` given explicitly on top. Unknown settings raise ValueError; values are not validated."""
-    return TrainConfig.from_dict({**MODEL_RECIPES.get(model, {}), **settings, "model": model})
+    ``settings`` given explicitly on top. Unknown settings raise ValueError; values are not validated.
+
+    A recipe's ``clean_epochs`` is capped at the run's epochs (``--epochs 1`` trains v2 one clean
+    epoch instead of failing); an explicit ``clean_epochs`` is left for ``validate`` to judge."""
+    recipe = dict(MODEL_RECIPES.get(model, {}))
+    epochs = settings.get("epochs", recipe.get("epochs", TrainConfig.epochs))
+    if "clean_epochs" in recipe and "clean_epochs" not in settings and isinstance(epochs, int):
+        recipe["clean_epochs"] = max(0, min(recipe["clean_epochs"], epochs))
+    return TrainConfig.from_dict({**recipe, **settings, "model": model})
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -199,6 +199,7 @@ def test_unset_settings_come_from_each_models_recipe(monkeypatch):
 
     monkeypatch.setitem(train.MODEL_RECIPES, "v2", {"lr": 0.3, "batch_size": 64, "ema": 0.999,
                                                     "schedule": "cosine"})
+    monkeypatch.setitem(train.MODEL_RECIPES, "v0", {})  # v0: the shared defaults
     spec = SweepSpec(models=["v0", "v2"], seeds=1).validate()
     configs = dict(spec.trials())
     assert set(configs) == {"v0-onecycle-s1", "v2-cosine-s1"}  # v2's recipe schedule names its runs

@@ -176,6 +176,16 @@ def test_model_recipes_fill_in_what_is_not_given(monkeypatch):
         train.recipe_for("v2", wd=1)
 
 
+def test_a_recipes_clean_epochs_fit_short_runs(monkeypatch):
+    from mnistnets import train
+
+    monkeypatch.setitem(train.MODEL_RECIPES, "v2", {"clean_epochs": 2})
+    assert train.recipe_for("v2").clean_epochs == 2
+    assert train.recipe_for("v2", epochs=1).validate().clean_epochs == 1  # capped: a quick run works
+    with pytest.raises(ValueError, match="clean_epochs"):  # asked for explicitly: an error
+        train.recipe_for("v2", epochs=1, clean_epochs=2).validate()
+
+
 def test_shift_images_moves_pixels_and_fills_the_border():
     from mnistnets.train import shift_images
 
