@@ -250,14 +250,15 @@ def _limit(data: MNIST, config: TrainConfig) -> MNIST:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float]:
-    """Return (mean NLL per sample, accuracy in percent)."""
+def _score(model: torch.nn.Module, loader: DeviceLoader,
+           log_probs: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+    """(mean NLL per sample, accuracy in percent) of the predictions ``log_probs(x)`` over ``loader``;
+    one host sync at the end."""
     model.eval()
-    loss_sum = None
-    correct = None
+    loss_sum = correct = None
     n = 0
     for x, y in loader:
-        out = model(x)
+        out = log_probs(x)
         batch_loss = F.nll_loss(out, y, reduction="sum")
         batch_correct = (out.argmax(1) == y).sum()
         loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
@@ -266,6 +267,11 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float
     if n == 0:
         return float("nan"), float("nan")
     return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
+def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float]:
+    """Return (mean NLL per sample, accuracy in percent)."""
+    return _score(model, loader, model)
 
 
 def shift_images(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
@@ -278,23 +284,15 @@ def shift_images(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor
     return padded[..., top:top + h, left:left + w]
 
 
-@torch.no_grad()
 def evaluate_tta(model: torch.nn.Module, loader: DeviceLoader, tta: str) -> tuple[float, float]:
     """Like ``evaluate``, predicting from the mean probability over the ``TTA_VIEWS[tta]`` views."""
-    model.eval()
     fill = -MNIST_MEAN / MNIST_STD  # a blank (0) pixel after normalisation
-    loss_sum = correct = None
-    n = 0
-    for x, y in loader:
+
+    def log_probs(x: torch.Tensor) -> torch.Tensor:
         prob = torch.stack([model(shift_images(x, dy, dx, fill)).exp() for dy, dx in TTA_VIEWS[tta]]).mean(0)
-        batch_loss = F.nll_loss(prob.clamp_min(1e-12).log(), y, reduction="sum")
-        batch_correct = (prob.argmax(1) == y).sum()
-        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-        correct = batch_correct if correct is None else correct + batch_correct
-        n += y.numel()
-    if n == 0:
-        return float("nan"), float("nan")
-    return loss_sum.item() / n, 100.0 * correct.item() / n
+        return prob.clamp_min(1e-12).log()
+
+    return _score(model, loader, log_probs)
 
 
 # Settings that may differ between a run and its resumption: where it runs, not what it computes.
