@@ -141,6 +141,19 @@ def test_summary_and_table():
     assert spec.summary() == "6 trials: v0, v2 x cosine x seeds 1-3, 5 epochs"
     table = format_trial_table(spec)
     assert "v2-cosine-s3" in table and table.count("\n") == 6
+    assert table.splitlines()[0].endswith("other settings")
+
+
+def test_table_shows_each_trials_own_settings(monkeypatch):
+    from mnistnets import train
+
+    monkeypatch.setitem(train.MODEL_RECIPES, "v0", {})
+    monkeypatch.setitem(train.MODEL_RECIPES, "v2", {"lr": 0.3, "ema": 0.999})
+    rows = format_trial_table(SweepSpec(models=["v0", "v2"], train={"label_smoothing": 0.1}).validate()).splitlines()
+    assert rows[1].startswith("v0-") and rows[1].endswith("  label_smoothing 0.1")
+    assert rows[2].startswith("v2-") and rows[2].endswith("  lr 0.3, label_smoothing 0.1, ema 0.999")
+    plain = format_trial_table(SweepSpec(models=["v0"]).validate()).splitlines()[1]
+    assert plain.endswith("  -")  # the shared defaults: nothing else to show
 
 
 # ------------------------------------------------------------------------- CLI, no services
