@@ -32,6 +32,10 @@ SEED_LOG = {  # the seed's published epoch-15 test accuracy (seed-models.md)
 }
 
 
+#: What a run's history keeps of each epoch, whether it comes from fit() or from MLflow.
+HISTORY_KEYS = ("epoch", "train_acc", "test_acc", "train_loss", "test_loss", "epoch_seconds", "lr", "tta_test_acc")
+
+
 def _run(model: str, seed: int, epochs: int, data_dir: str, threads: int, overrides: dict) -> dict:
     import torch
 
@@ -44,8 +48,7 @@ def _run(model: str, seed: int, epochs: int, data_dir: str, threads: int, overri
     start = time.perf_counter()
     history = []
     for r in fit(config, data=data):
-        history.append({k: r[k] for k in ("epoch", "train_acc", "test_acc", "train_loss", "test_loss",
-                                           "epoch_seconds", "lr", "tta_test_acc") if k in r})
+        history.append({k: r[k] for k in HISTORY_KEYS if k in r})
         print(f"  {model} s{seed} epoch {r['epoch']:2d}: train {r['train_acc']:.2f}% test {r['test_acc']:.2f}% "
               f"({r['epoch_seconds']:.1f}s)", flush=True)
     return {"model": model, "seed": seed, "config": config.to_dict(), "history": history,
@@ -64,8 +67,7 @@ def _from_mlflow(experiment: str, home: str | None, tracking_uri: str | None, jo
     for _, run in runs[runs["status"] == "FINISHED"].iterrows():
         mine = epochs[epochs["run_id"] == run["run_id"]].sort_values("epoch")
         history = [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()
-                    if k in ("epoch", "train_acc", "test_acc", "train_loss", "test_loss", "epoch_seconds",
-                             "lr", "tta_test_acc") and v == v}  # v == v: not NaN
+                    if k in HISTORY_KEYS and v == v}  # v == v: not NaN
                    for row in mine.to_dict("records")]
         out.append({"model": run["model"], "seed": int(run["seed"]), "run": run["run"], "job_id": run["job_id"],
                     "history": history, "seconds": float(run["wall_seconds"])})

@@ -692,7 +692,7 @@ def models_cmd(names: tuple[str, ...], checks: bool) -> None:
 
 def recipe_text(model: str) -> str:
     """The model's default recipe in one line: the shared defaults and the model's own settings."""
-    from mnistnets.train import MODEL_RECIPES, TrainConfig
+    from mnistnets.train import MODEL_RECIPES, TrainConfig, settings_text
 
     c = TrainConfig()
     own = MODEL_RECIPES.get(model, {})
@@ -706,8 +706,7 @@ def recipe_text(model: str) -> str:
     if rate is not None and "dropout" not in own:
         text += f", dropout {rate:g}"
     if own:
-        text += "; this model: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                                            for k, v in own.items())
+        text += "; this model: " + settings_text(own)
     return text
 
 

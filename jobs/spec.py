@@ -327,15 +327,18 @@ def _is_number(value: Any) -> bool:
 
 def format_trial_table(spec: SweepSpec, gpus: float | None = None) -> str:
     """The dry-run table: one line per trial."""
+    from mnistnets.train import TrainConfig
+
     trials = spec.trials()
     gpu_text = ("auto" if spec.gpus_per_trial is None else f"{spec.gpus_per_trial:g}") if gpus is None else f"{gpus:g}"
     width = max([len("trial")] + [len(n) for n, _ in trials])
+    shared = TrainConfig().to_dict()
     sched_width = max([len("schedule")] + [len(c["schedule"]) for _, c in trials])
     lines = [f"{'trial':<{width}}  model  seed  epochs  batch  gpu    cpu  {'schedule':<{sched_width}}  other settings"]
     for name, c in trials:
         lines.append(f"{name:<{width}}  {c['model']:<5}  {c['seed']:>4}  {c['epochs']:>6}  {c['batch_size']:>5}  "
                      f"{gpu_text:<5}  {spec.cpus_per_trial:>3g}  {c['schedule']:<{sched_width}}  "
-                     f"{_other_settings(c) or '-'}".rstrip())
+                     f"{_other_settings(c, shared) or '-'}".rstrip())
     return "\n".join(lines)
 
 
@@ -343,11 +346,9 @@ def format_trial_table(spec: SweepSpec, gpus: float | None = None) -> str:
 _TABLE_COLUMNS = {"model", "seed", "epochs", "batch_size", "schedule", "device", "data_dir", "eval_batch_size"}
 
 
-def _other_settings(config: dict) -> str:
-    """A trial's settings that differ from TrainConfig's shared defaults, e.g. "lr 0.3, ema 0.999"
-    (the model's recipe and what the sweep sets), so the dry run shows what each trial will run."""
-    from mnistnets.train import TrainConfig
+def _other_settings(config: dict, shared: dict) -> str:
+    """A trial's settings that differ from the ``shared`` defaults (TrainConfig's), e.g. "lr 0.3, ema
+    0.999" (the model's recipe and what the sweep sets), so the dry run shows what each trial will run."""
+    from mnistnets.train import settings_text
 
-    base = TrainConfig().to_dict()
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in config.items() if k not in _TABLE_COLUMNS and base.get(k) != v)
+    return settings_text({k: v for k, v in config.items() if k not in _TABLE_COLUMNS and shared.get(k) != v})

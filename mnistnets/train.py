@@ -133,6 +133,11 @@ MODEL_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def settings_text(settings: dict[str, Any]) -> str:
+    """Settings in one line for people, e.g. "lr 0.3, dropout 0, ema 0.999"."""
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
+
+
 def recipe_for(model: str, **settings: Any) -> TrainConfig:
     """The default recipe of ``model`` (TrainConfig's defaults, then ``MODEL_RECIPES[model]``), with
     ``settings`` given explicitly on top. Unknown settings raise ValueError; values are not validated.
@@ -334,6 +339,7 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
     test_loader = DeviceLoader(data.test_images, data.test_labels, config.eval_batch_size, device=device)
     scheduler = build_scheduler(config.schedule, optimizer, config.epochs, len(train_loader))
     ema = WeightEMA(model, config.ema) if config.ema > 0 else None
+    scored = model if ema is None else ema.model  # what is tested and checkpointed as "model"
     augment = train_loader.augment
 
     start_epoch, best_acc, history = 1, -1.0, []
@@ -382,7 +388,7 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - start
-        test_loss, test_acc = evaluate(model if ema is None else ema.model, test_loader)
+        test_loss, test_acc = evaluate(scored, test_loader)
         scheduler.step_epoch(test_loss)
         epoch_seconds = time.perf_counter() - start
         is_best = test_acc > best_acc
@@ -395,13 +401,12 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
             "checkpoint": None, "best": is_best,
         }
         if config.tta != "none" and epoch == config.epochs:
-            result["tta_test_loss"], result["tta_test_acc"] = evaluate_tta(
-                model if ema is None else ema.model, test_loader, config.tta)
+            result["tta_test_loss"], result["tta_test_acc"] = evaluate_tta(scored, test_loader, config.tta)
         history.append({k: v for k, v in result.items() if k not in ("checkpoint", "best")})
         if ckpt_dir is not None:
             state = {
                 "version": CHECKPOINT_VERSION, "epoch": epoch, "config": config.to_dict(),
-                "model": (model if ema is None else ema.model).state_dict(), "optimizer": optimizer.state_dict(),
+                "model": scored.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "best_test_acc": best_acc,
                 "history": history, "rng": {"torch": torch.get_rng_state()},
             }

@@ -33,9 +33,10 @@ def _help_default(help_text: str, option: str) -> str:
 @pytest.mark.parametrize("command", ["train", "submit"])
 def test_help_defaults_agree_with_the_recipes(run, command):
     """--help repeats the recipe without importing torch; this keeps it true to mnistnets.train."""
-    from mnistnets.train import MODEL_RECIPES, TrainConfig
+    from mnistnets.train import MODEL_RECIPES, TTA_VIEWS, TrainConfig
 
     out = run(command, "--help").output
+    assert f"--tta [{'|'.join(TTA_VIEWS)}]" in out  # the choices, too
     c = TrainConfig()
     for option, field, shared in [("--lr", "lr", f"{c.lr:g}"),
                                   ("--weight-decay", "weight_decay", f"{c.weight_decay:.0e}".replace("e-0", "e-")),
