@@ -16,7 +16,8 @@ moves the learning rate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -33,6 +34,19 @@ class _Kind:
     keys: dict[str, type]  # key -> type of its value
     build: Callable[..., Any]
     help: str
+    # key -> (test, valid range in words): parse_schedule refuses a number outside the range, so
+    # that every spec it accepts builds and steps (the ranges are torch's own limits, narrowed
+    # to what makes sense for a decaying lr, e.g. gamma <= 1).
+    ranges: dict[str, tuple[Callable[[Any], bool], str]] = field(default_factory=dict)
+
+
+_POSITIVE = (lambda v: v > 0, "a finite number > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a finite number >= 0")
+_AT_LEAST_1 = (lambda v: v >= 1, "a finite number >= 1")
+_OPEN_UNIT = (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")
+_DECAY = (lambda v: 0 < v <= 1, "greater than 0 and at most 1")
+_INT_AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+_INT_NON_NEGATIVE = (lambda v: v >= 0, "an integer >= 0")
 
 
 def _parse_milestones(value: str) -> list[int]:
@@ -40,14 +54,40 @@ def _parse_milestones(value: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def _onecycle(opt, epochs, steps, max_lr=None, pct_start=0.25, div_factor=25.0,
+def _onecycle_pct_start(pct_start: float, total_steps: int, three_phase: bool) -> float:
+    """pct_start, nudged up by the least float step where needed so no 1cycle phase has length 0.
+
+    torch's OneCycleLR ends its phases at steps ``pct_start*total - 1``, (three_phase:
+    ``2*pct_start*total - 2``) and ``total - 1``, and divides by each phase's length: when
+    ``pct_start * total_steps`` is exactly 1 (pct_start=0.2 over 5 steps, 0.1 over 10) the warmup
+    phase has length 0 and the first step raises ZeroDivisionError. Moving pct_start up by one ulp
+    gives that phase a length of ~1e-16 steps: step 0 is still the initial lr, and every other
+    step's lr is the same as for the exact pct_start to within float rounding.
+    """
+    def ends(pct):  # the phases' end steps, computed exactly as torch computes them
+        if three_phase:
+            return [0.0, float(pct * total_steps) - 1, float(2 * pct * total_steps) - 2,
+                    float(total_steps - 1)]
+        return [0.0, float(pct * total_steps) - 1, float(total_steps - 1)]
+
+    for _ in range(64):  # one nudge is always enough (see the tests); the bound is a safeguard
+        points = ends(pct_start)
+        if all(a != b for a, b in zip(points, points[1:])):
+            break
+        pct_start = math.nextafter(pct_start, 1.0)
+    return pct_start
+
+
+def _onecycle(opt, epochs, steps, max_lr=None, pct_start=0.2, div_factor=25.0,
               final_div_factor=1e4, anneal="cos", three_phase=False):
     if max_lr is None:
         max_lr = [g["lr"] for g in opt.param_groups]
     if anneal not in ("cos", "linear"):
         raise ScheduleError(f"onecycle: anneal must be 'cos' or 'linear', not {anneal!r}")
+    total_steps = max(1, epochs * steps)
     return lr_scheduler.OneCycleLR(
-        opt, max_lr=max_lr, total_steps=max(1, epochs * steps), pct_start=pct_start,
+        opt, max_lr=max_lr, total_steps=total_steps,
+        pct_start=_onecycle_pct_start(float(pct_start), total_steps, bool(three_phase)),
         div_factor=div_factor, final_div_factor=final_div_factor, anneal_strategy=anneal,
         three_phase=three_phase)
 
@@ -80,18 +120,29 @@ def _constant(opt, epochs, steps):
 SCHEDULES: dict[str, _Kind] = {
     "onecycle": _Kind(True, {"max_lr": float, "pct_start": float, "div_factor": float,
                              "final_div_factor": float, "anneal": str, "three_phase": bool},
-                      _onecycle, "1cycle policy per batch; max_lr defaults to the optimizer's lr"),
-    "cosine": _Kind(True, {"eta_min": float}, _cosine, "cosine annealing to eta_min per batch"),
+                      _onecycle, "1cycle policy per batch; max_lr defaults to the optimizer's lr, pct_start to 0.2 "
+                      "(the recipe's; torch's own is 0.25)",
+                      {"max_lr": _POSITIVE, "pct_start": _OPEN_UNIT, "div_factor": _AT_LEAST_1,
+                       "final_div_factor": _AT_LEAST_1}),
+    "cosine": _Kind(True, {"eta_min": float}, _cosine, "cosine annealing to eta_min per batch",
+                    {"eta_min": _NON_NEGATIVE}),
     "step": _Kind(False, {"step_size": int, "gamma": float}, _step,
-                  "multiply by gamma every step_size epochs"),
+                  "multiply by gamma every step_size epochs",
+                  {"step_size": _INT_AT_LEAST_1, "gamma": _DECAY}),
     "multistep": _Kind(False, {"milestones": str, "gamma": float}, _multistep,
-                       "multiply by gamma at each milestone epoch (milestones=5/10)"),
-    "exponential": _Kind(False, {"gamma": float}, _exponential, "multiply by gamma every epoch"),
+                       "multiply by gamma at each milestone epoch (milestones=5/10)",
+                       {"gamma": _DECAY}),
+    "exponential": _Kind(False, {"gamma": float}, _exponential, "multiply by gamma every epoch",
+                         {"gamma": _DECAY}),
     "plateau": _Kind(False, {"factor": float, "patience": int, "threshold": float, "min_lr": float},
-                     _plateau, "reduce by factor when the test loss stops improving"),
+                     _plateau, "reduce by factor when the test loss stops improving",
+                     {"factor": _OPEN_UNIT, "patience": _INT_NON_NEGATIVE,
+                      "threshold": (lambda v: 0 <= v < 1, "at least 0 and less than 1"),
+                      "min_lr": _NON_NEGATIVE}),
     "constant": _Kind(False, {}, _constant, "the optimizer's lr throughout"),
 }
 COMMON_KEYS = {"warmup": float}
+COMMON_RANGES = {"warmup": _NON_NEGATIVE}
 
 
 def list_schedules() -> list[str]:
@@ -106,7 +157,8 @@ def describe_schedules() -> str:
     return "\n".join(lines)
 
 
-def _convert(name: str, key: str, raw: str, typ: type) -> Any:
+def _convert(name: str, key: str, raw: str, typ: type,
+             valid: tuple[Callable[[Any], bool], str] | None = None) -> Any:
     try:
         if typ is bool:
             low = raw.strip().lower()
@@ -119,9 +171,25 @@ def _convert(name: str, key: str, raw: str, typ: type) -> Any:
     except ValueError:
         raise ScheduleError(
             f"schedule {name!r}: {key}={raw!r} is not a valid {typ.__name__}") from None
-    if typ in (int, float) and (not math.isfinite(value) or value < 0):
-        raise ScheduleError(f"schedule {name!r}: {key}={raw} must be a finite number >= 0")
+    if typ in (int, float):
+        test, words = valid or _NON_NEGATIVE
+        if not math.isfinite(value) or not test(value):
+            raise ScheduleError(f"schedule {name!r}: {key} must be {words}, not {raw}")
     return value
+
+
+def _check_milestones(name: str, raw: str) -> None:
+    try:
+        milestones = _parse_milestones(raw)
+    except ValueError:
+        raise ScheduleError(f"schedule {name!r}: milestones must be epochs separated by '/' "
+                            f"(e.g. milestones=5/10), not {raw!r}") from None
+    if not milestones:
+        raise ScheduleError(f"schedule {name!r}: milestones must list at least one epoch "
+                            f"(e.g. milestones=5/10), not {raw!r}")
+    if any(m < 1 for m in milestones) or any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise ScheduleError(f"schedule {name!r}: milestones must be increasing epochs >= 1 "
+                            f"(e.g. milestones=5/10), not {raw!r}")
 
 
 def parse_schedule(spec: str) -> tuple[str, dict[str, Any]]:
@@ -136,6 +204,7 @@ def parse_schedule(spec: str) -> tuple[str, dict[str, Any]]:
             f"(e.g. 'onecycle:max_lr=0.05,pct_start=0.2')")
     kind = SCHEDULES[name]
     allowed = {**kind.keys, **COMMON_KEYS}
+    ranges = {**kind.ranges, **COMMON_RANGES}
     options: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, raw = item.partition("=")
@@ -146,13 +215,18 @@ def parse_schedule(spec: str) -> tuple[str, dict[str, Any]]:
         if key not in allowed:
             raise ScheduleError(f"schedule {name!r} has no key {key!r}; "
                                 f"valid keys: {', '.join(allowed)}")
-        options[key] = _convert(name, key, raw.strip(), allowed[key])
+        options[key] = _convert(name, key, raw.strip(), allowed[key], ranges.get(key))
     if name == "multistep" and "milestones" in options:
-        try:
-            _parse_milestones(options["milestones"])
-        except ValueError:
-            raise ScheduleError(f"multistep: milestones={options['milestones']!r} must be epochs "
-                                "separated by '/', e.g. milestones=5/10") from None
+        _check_milestones(name, options["milestones"])
+    if name == "onecycle":
+        anneal = options.get("anneal", "cos")
+        if anneal not in ("cos", "linear"):
+            raise ScheduleError(f"schedule {name!r}: anneal must be 'cos' or 'linear', not {anneal!r}")
+        pct_start = options.get("pct_start", 0.2)
+        if options.get("three_phase") and not pct_start < 0.5:
+            # the down phase would end after the run does: the lr would never anneal to its minimum
+            raise ScheduleError(f"schedule {name!r}: with three_phase, pct_start must be "
+                                f"between 0 and 0.5 (exclusive), not {pct_start}")
     return name, options
 
 
@@ -205,6 +279,12 @@ class Scheduler:
                 group["lr"] = target
             return
         if self.per_batch and self.main is not None:
+            if (isinstance(self.main, lr_scheduler.OneCycleLR)
+                    and self.main.last_epoch >= self.main.total_steps - 1):
+                # The run's last batch used the cycle's last lr (its minimum); stepping once more
+                # would extrapolate past the cycle's end (below min_lr, even negative with
+                # anneal=linear on short runs), so the lr stays at that minimum instead.
+                return
             self.main.step()
 
     def step_epoch(self, metric: float | None = None) -> None:
@@ -232,3 +312,43 @@ class Scheduler:
 def build_scheduler(spec: str, optimizer: torch.optim.Optimizer, epochs: int,
                     steps_per_epoch: int) -> Scheduler:
     return Scheduler(spec, optimizer, epochs, steps_per_epoch)
+
+
+def check_schedule(spec: str, *, lr: float, epochs: int, steps_per_epoch: int) -> None:
+    """Build ``spec`` for a run of ``epochs`` x ``steps_per_epoch`` batches at ``lr`` and step it
+    through the whole run as the trainer does, on a throwaway optimizer (one parameter, SGD).
+
+    Raises ScheduleError if the spec is bad, torch refuses it, or the lr it gives any batch is
+    not a finite number >= 0: a training config can be checked before any training starts.
+    Cheap: a few tens of ms for 15 epochs x 938 batches of a per-batch schedule.
+    """
+    name, _ = parse_schedule(spec)
+    for what, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ScheduleError(f"schedule {name!r}: {what} must be an integer >= 1, not {value!r}")
+    if (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr)
+            or lr < 0):
+        raise ScheduleError(f"schedule {name!r}: lr must be a finite number >= 0, not {lr!r}")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(lr))
+    group = optimizer.param_groups[0]
+    where = "building it"
+    try:
+        with warnings.catch_warnings():
+            # torch warns when a scheduler steps before its optimizer has: nothing trains here.
+            warnings.simplefilter("ignore")
+            sched = build_scheduler(spec, optimizer, epochs, steps_per_epoch)
+            for epoch in range(1, epochs + 1):
+                for batch in range(1, steps_per_epoch + 1):
+                    where = f"epoch {epoch}, batch {batch}"
+                    value = group["lr"]
+                    if not (value >= 0 and math.isfinite(value)):  # also False for nan
+                        raise ValueError(f"the lr would be {value}")
+                    sched.step_batch()
+                where = f"the end of epoch {epoch}"
+                sched.step_epoch(1.0)  # a loss that never improves: plateau reduces all it can
+    except ScheduleError:
+        raise
+    except Exception as exc:  # ValueError, ZeroDivisionError, ...: whatever torch raises
+        raise ScheduleError(
+            f"schedule {spec!r} fails at {where} of a run of {epochs} epochs x {steps_per_epoch} "
+            f"batches at lr {lr}: {type(exc).__name__}: {exc}") from None

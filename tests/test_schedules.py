@@ -1,7 +1,13 @@
+import dataclasses
+import math
+import warnings
+
 import pytest
 import torch
+from torch.optim import lr_scheduler
 
-from mnistnets.schedules import ScheduleError, build_scheduler, list_schedules, parse_schedule
+from mnistnets.schedules import (SCHEDULES, ScheduleError, build_scheduler, check_schedule,
+                                 list_schedules, parse_schedule)
 
 
 def _opt(lr=0.1):
@@ -34,7 +40,7 @@ def test_parse_valid_specs():
     ("step:size=3", ["no key 'size'", "step_size", "gamma"]),
     ("step:step_size=abc", ["step_size='abc'", "int"]),
     ("onecycle:max_lr", ["not key=value"]),
-    ("onecycle:max_lr=-1", [">= 0"]),
+    ("onecycle:max_lr=-1", ["max_lr must be a finite number > 0, not -1"]),
     ("multistep:milestones=a/b", ["milestones"]),
     ("", ["empty schedule spec"]),
 ])
@@ -100,3 +106,210 @@ def test_state_dict_round_trip_continues_identically():
         opt2.step()
         s2.step_batch()
     assert rest == [pytest.approx(v) for v in full[12:20]]
+
+
+# --- onecycle on short runs: no phase may have zero length -----------------------------------
+
+def _run_lrs(spec, epochs, steps, lr=0.1):
+    """The lr each batch trains at, plus the lr left after the run's last step."""
+    opt = _opt(lr)
+    sched = build_scheduler(spec, opt, epochs, steps)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": no training
+        for _ in range(epochs):
+            for _ in range(steps):
+                lrs.append(sched.get_lr())
+                sched.step_batch()
+            sched.step_epoch(1.0)
+    return lrs + [sched.get_lr()]
+
+
+@pytest.mark.parametrize("spec, epochs, steps", [
+    ("onecycle:pct_start=0.2", 1, 5),     # pct_start * total_steps == 1 exactly
+    ("onecycle:pct_start=0.2", 5, 1),
+    ("onecycle:pct_start=0.1", 1, 10),
+    ("onecycle:pct_start=0.2,three_phase=true", 1, 5),
+    ("onecycle:pct_start=0.25,three_phase=true", 2, 2),
+])
+def test_onecycle_with_a_one_step_warmup_phase_builds_and_steps(spec, epochs, steps):
+    lrs = _run_lrs(spec, epochs, steps)
+    assert all(math.isfinite(v) for v in lrs)
+    assert lrs[0] == pytest.approx(0.1 / 25)  # still starts at max_lr / div_factor
+
+
+@pytest.mark.parametrize("anneal", ["cos", "linear"])
+@pytest.mark.parametrize("three_phase", [False, True])
+def test_onecycle_is_valid_for_every_total_steps(anneal, three_phase):
+    max_lr, div, final_div = 0.2, 25.0, 1e4
+    low = max_lr / (div * final_div)
+    pcts = [0.01, 0.05, 0.1, 0.2, 0.25, 0.3, 1 / 3, 0.45, 0.49]
+    if not three_phase:
+        pcts += [0.5, 0.75, 0.9, 0.99]
+    for pct in pcts:
+        spec = f"onecycle:max_lr={max_lr},pct_start={pct!r},anneal={anneal},three_phase={three_phase}"
+        for total in range(1, 31):
+            for epochs, steps in {(1, total), (total, 1)}:
+                lrs = _run_lrs(spec, epochs, steps)
+                assert len(lrs) == total + 1
+                for v in lrs:
+                    assert math.isfinite(v), (spec, total)
+                    assert low * (1 - 1e-9) <= v <= max_lr * (1 + 1e-9), (spec, total, lrs)
+                if total > 1:  # the last batch trains at the cycle's minimum, and the lr stays there
+                    assert lrs[-2] == pytest.approx(low) and lrs[-1] == pytest.approx(low)
+
+
+def test_onecycle_nudge_keeps_the_schedule_otherwise_the_same():
+    # pct_start=0.2 over 5 steps is nudged; 0.2 + 1e-12 over 5 steps never needed a nudge
+    opt = _opt()
+    ref = lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=5, pct_start=0.2 + 1e-12)
+    expected = []
+    for _ in range(5):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert _run_lrs("onecycle:max_lr=0.1,pct_start=0.2", 1, 5)[:5] == [pytest.approx(v) for v in expected]
+
+
+def test_onecycle_linear_does_not_extrapolate_past_the_end():
+    lrs = _run_lrs("onecycle:max_lr=0.1,anneal=linear", 1, 2)
+    assert lrs[-1] == pytest.approx(0.1 / 25 / 1e4)  # not max_lr/25e4 - (0.67 * max_lr): negative
+
+
+# --- parse_schedule checks every key's range --------------------------------------------------
+
+@pytest.mark.parametrize("spec, key, value", [
+    ("onecycle:pct_start=1.5", "pct_start", "1.5"),
+    ("onecycle:pct_start=1", "pct_start", "1"),
+    ("onecycle:pct_start=0", "pct_start", "0"),
+    ("onecycle:pct_start=nan", "pct_start", "nan"),
+    ("onecycle:pct_start=0.5,three_phase=true", "pct_start", "0.5"),
+    ("onecycle:max_lr=0", "max_lr", "0"),
+    ("onecycle:max_lr=inf", "max_lr", "inf"),
+    ("onecycle:div_factor=0", "div_factor", "0"),
+    ("onecycle:div_factor=0.5", "div_factor", "0.5"),
+    ("onecycle:final_div_factor=0", "final_div_factor", "0"),
+    ("onecycle:final_div_factor=-2", "final_div_factor", "-2"),
+    ("onecycle:anneal=cosine", "anneal", "cosine"),
+    ("onecycle:three_phase=maybe", "three_phase", "maybe"),
+    ("cosine:eta_min=-0.1", "eta_min", "-0.1"),
+    ("step:step_size=0", "step_size", "0"),
+    ("step:step_size=-3", "step_size", "-3"),
+    ("step:step_size=1.5", "step_size", "1.5"),
+    ("step:gamma=-0.5", "gamma", "-0.5"),
+    ("step:gamma=0", "gamma", "0"),
+    ("step:gamma=1.5", "gamma", "1.5"),
+    ("exponential:gamma=-1", "gamma", "-1"),
+    ("exponential:gamma=2", "gamma", "2"),
+    ("multistep:gamma=0", "gamma", "0"),
+    ("multistep:milestones=0/5", "milestones", "0/5"),
+    ("multistep:milestones=-2/5", "milestones", "-2/5"),
+    ("multistep:milestones=5/5", "milestones", "5/5"),
+    ("multistep:milestones=10/5", "milestones", "10/5"),
+    ("multistep:milestones=/", "milestones", "/"),
+    ("multistep:milestones=2.5", "milestones", "2.5"),
+    ("plateau:factor=1", "factor", "1"),
+    ("plateau:factor=0", "factor", "0"),
+    ("plateau:factor=2", "factor", "2"),
+    ("plateau:patience=-1", "patience", "-1"),
+    ("plateau:min_lr=-1e-5", "min_lr", "-1e-5"),
+    ("plateau:threshold=-0.1", "threshold", "-0.1"),
+    ("plateau:threshold=1", "threshold", "1"),
+    ("cosine:warmup=-1", "warmup", "-1"),
+    ("constant:warmup=nan", "warmup", "nan"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(spec, key, value):
+    with pytest.raises(ScheduleError) as err:
+        parse_schedule(spec)
+    message = str(err.value)
+    assert message.startswith(f"schedule {spec.partition(':')[0]!r}: ")
+    assert key in message and value in message
+
+
+def test_out_of_range_message_names_the_valid_range():
+    with pytest.raises(ScheduleError, match=r"^schedule 'onecycle': pct_start must be between 0 and 1 "
+                                            r"\(exclusive\), not 1\.5$"):
+        parse_schedule("onecycle:pct_start=1.5")
+    with pytest.raises(ScheduleError, match=r"step_size must be an integer >= 1, not 0$"):
+        parse_schedule("step:step_size=0")
+
+
+VALID_EDGES = [
+    "onecycle:div_factor=1,final_div_factor=1", "onecycle:pct_start=0.49,three_phase=true",
+    "onecycle:pct_start=0.99,anneal=linear", "onecycle:max_lr=1e-6,warmup=0",
+    "cosine:eta_min=0", "step:step_size=1,gamma=1", "exponential:gamma=1",
+    "multistep:milestones=1", "multistep:milestones=1/2/3,gamma=1",
+    "plateau:factor=0.99,patience=0,threshold=0,min_lr=0", "constant:warmup=100",
+]
+
+
+@pytest.mark.parametrize("spec", VALID_EDGES)
+def test_values_at_the_edge_of_each_range_are_accepted_and_run(spec):
+    parse_schedule(spec)
+    for epochs, steps in [(1, 1), (3, 4), (12, 2)]:
+        check_schedule(spec, lr=0.1, epochs=epochs, steps_per_epoch=steps)
+
+
+# --- check_schedule ---------------------------------------------------------------------------
+
+SPECS = ["onecycle", "onecycle:pct_start=0.2", "onecycle:pct_start=0.1,three_phase=true,warmup=0.5",
+         "onecycle:anneal=linear,warmup=2", "cosine", "cosine:eta_min=0.001,warmup=1",
+         "step:step_size=2,gamma=0.5", "multistep:milestones=1/3", "exponential:warmup=1",
+         "plateau:factor=0.5,patience=0", "constant:warmup=0.3"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_check_schedule_passes_valid_specs_for_short_and_long_runs(spec):
+    for epochs in range(1, 6):
+        for steps in range(1, 8):
+            assert check_schedule(spec, lr=0.1, epochs=epochs, steps_per_epoch=steps) is None
+    check_schedule(spec, lr=0.05, epochs=15, steps_per_epoch=100)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("bogus", ["unknown schedule 'bogus'"]),
+    ("onecycle:pct_start=1.5", ["pct_start", "1.5"]),
+    ("step:step_size=0", ["step_size"]),
+])
+def test_check_schedule_refuses_bad_specs(spec, words):
+    with pytest.raises(ScheduleError) as err:
+        check_schedule(spec, lr=0.1, epochs=3, steps_per_epoch=5)
+    assert all(w in str(err.value) for w in words)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"lr": float("nan")}, ["lr must be", "nan"]),
+    ({"lr": -0.1}, ["lr must be", "-0.1"]),
+    ({"epochs": 0}, ["epochs must be an integer >= 1", "0"]),
+    ({"steps_per_epoch": 2.5}, ["steps_per_epoch", "2.5"]),
+])
+def test_check_schedule_refuses_bad_run_settings(kwargs, words):
+    args = {"lr": 0.1, "epochs": 3, "steps_per_epoch": 5, **kwargs}
+    with pytest.raises(ScheduleError) as err:
+        check_schedule("cosine", **args)
+    assert all(w in str(err.value) for w in words)
+
+
+def test_check_schedule_turns_a_failure_while_stepping_into_a_schedule_error(monkeypatch):
+    kind = SCHEDULES["step"]
+    # a scheduler torch builds happily but that divides by zero at its first epoch step
+    monkeypatch.setitem(SCHEDULES, "step", dataclasses.replace(
+        kind, build=lambda opt, epochs, steps, **kw: lr_scheduler.StepLR(opt, step_size=0)))
+    with pytest.raises(ScheduleError) as err:
+        check_schedule("step", lr=0.1, epochs=3, steps_per_epoch=4)
+    message = str(err.value)
+    assert "'step'" in message and "ZeroDivisionError" in message and "end of epoch 1" in message
+    # and an lr that goes negative (0.1, 0, -0.1 over epochs) is caught at the batch that
+    # would train at it
+    monkeypatch.setitem(SCHEDULES, "step", dataclasses.replace(
+        kind, build=lambda opt, epochs, steps, **kw: lr_scheduler.LambdaLR(opt, lambda e: 1 - e)))
+    with pytest.raises(ScheduleError, match=r"at epoch 3, batch 1 .*the lr would be -0\.1"):
+        check_schedule("step", lr=0.1, epochs=3, steps_per_epoch=4)
+
+
+def test_onecycle_pct_start_defaults_to_the_recipes():
+    """`--schedules onecycle:max_lr=0.05` keeps the recipe's 20% warmup (not torch's 25%)."""
+    plain = _lrs("onecycle", epochs=4, steps=10)
+    explicit = _lrs("onecycle:pct_start=0.2", epochs=4, steps=10)
+    assert plain == explicit and plain != _lrs("onecycle:pct_start=0.25", epochs=4, steps=10)
+    assert max(range(len(plain)), key=plain.__getitem__) == 0.2 * 40 - 1  # torch's phase end
