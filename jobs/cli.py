@@ -606,7 +606,7 @@ def compare(experiment, job, fmt, which, target, output, plot, tracking_uri, hom
       - a summary per run: model, parameters, schedule, seed, status, final and best
         test accuracy, the first epoch reaching --target (99.4%), epochs, wall seconds;
       - mean/min/max final test accuracy over seeds, for each (model, schedule) with
-        two or more finished seeds.
+        two or more finished runs (Runs; TTA Runs: how many have a TTA accuracy).
 
     \b
     Examples:
@@ -628,6 +628,9 @@ def compare(experiment, job, fmt, which, target, output, plot, tracking_uri, hom
             "--tracking-uri or set MLFLOW_TRACKING_URI to read another server."
         )
     try:
+        for path in (output, plot):  # a bad output folder fails before anything is read or written
+            if path:
+                report.check_output_path(path)
         runs, epochs = report.load_runs(tracking_uri, experiment=experiment, job=job)
         summary = report.summary_table(runs, epochs, target=target)
         tables = {}
@@ -752,8 +755,10 @@ def train_cmd(model_name, schedule, seed, device, checkpoint_dir, resume_from, q
     Prints a progress bar per epoch (`Train Loss=... Accuracy=...`, like the
     seed) and a test line per epoch, writes checkpoints, and ends with a summary.
     """
+    from jobs import services
     from mnistnets.data import DataError, load_mnist, resolve_data_dir
-    from mnistnets.train import CheckpointError, fit, recipe_for
+    from mnistnets.train import (CheckpointError, check_resumable, fit, prepare_checkpoint_dir, recipe_for,
+                                 resolve_device)
 
     values = recipe_overrides(**recipe)
     values.update(seed=seed, device=device)
@@ -761,13 +766,27 @@ def train_cmd(model_name, schedule, seed, device, checkpoint_dir, resume_from, q
         values["schedule"] = schedule
     try:
         config = recipe_for(model_name, **values).validate()
+        resolve_device(config.device)  # cuda asked for on a machine without one
     except ValueError as exc:
         raise UsageFailure(str(exc)) from None
     state = _state_home(home)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else state / "runs" / f"{config.model}-s{config.seed}"
+    done_epochs = 0
+    if resume_from is not None:
+        try:
+            done_epochs = int(check_resumable(config, resume_from)["epoch"])
+        except CheckpointError as exc:
+            raise UsageFailure(str(exc)) from None
+        if done_epochs >= config.epochs:
+            click.echo(f"Nothing to resume: {resume_from} is at epoch {done_epochs} of {config.epochs}, "
+                       f"so the run is complete. To train longer, start a new run with more --epochs.")
+            return
     try:
         data = load_mnist(resolve_data_dir(config.data_dir, home=state), config.train_limit, config.test_limit)
-    except DataError as exc:
+        if not checkpoint_dir:
+            services.ensure_home(state)  # mode 0700, as `up` makes it
+        prepare_checkpoint_dir(ckpt)
+    except (DataError, CheckpointError, services.ServiceError) as exc:
         raise UsageFailure(str(exc)) from None
 
     from tqdm import tqdm
@@ -808,7 +827,10 @@ def train_cmd(model_name, schedule, seed, device, checkpoint_dir, resume_from, q
     except CheckpointError as exc:
         raise UsageFailure(str(exc)) from None
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; resume with --resume {ckpt / 'last.pt'}", err=True)
+        if (ckpt / "last.pt").is_file():
+            click.echo(f"\ninterrupted; resume with --resume {ckpt / 'last.pt'}", err=True)
+        else:
+            click.echo("\ninterrupted before the first epoch ended: no checkpoint to resume from", err=True)
         sys.exit(130)
     if results:
         best = max(results, key=lambda r: r["test_acc"])

@@ -8,7 +8,7 @@ params ``model``, ``params``, ``schedule``, ``seed`` ... and log one value per e
     runs, epochs = load_runs("http://127.0.0.1:5001", job="raysubmit_abc")
     print(render(epoch_table(epochs, runs), "table"))       # the seed's side-by-side table
     summary = summary_table(runs, epochs)                   # final / best / first epoch >= 99.4
-    print(render(group_table(summary), "markdown"))         # mean/min over seeds
+    print(render(group_table(summary), "markdown"))         # mean/min over finished runs
     plot_accuracy(epochs, runs, "accuracy.png")
 """
 from __future__ import annotations
@@ -18,8 +18,10 @@ import json
 import math
 import numbers
 import os
-import tempfile
+import secrets
+import stat
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -79,6 +81,89 @@ def _check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+_POINT_ELSEWHERE = (
+    "Point --tracking-uri (or MLFLOW_TRACKING_URI) at the MLflow tracking server the jobs log "
+    "to, e.g. the MLflow URL that `mnistjobs up` prints (http://127.0.0.1:5000 by default), or "
+    "at an existing MLflow database, e.g. sqlite:////absolute/path/to/mlflow.db."
+)
+
+
+def _file_store_folder(uri: str) -> Path | None:
+    """The folder of an MLflow file-store URI (a plain path or file:...), else None."""
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return Path(urllib.request.url2pathname(parts.path))
+    if scheme == "" or len(scheme) == 1:  # a plain path (a Windows drive letter parses as one)
+        return Path(uri)
+    return None
+
+
+def _sqlite_tables(path: Path) -> set[str] | None:
+    """Table names of the SQLite file `path`, opened read-only; None when that cannot be told."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return None  # locked, unreadable, ...: let MLflow say what is wrong
+    except sqlite3.DatabaseError:
+        return set()  # not an SQLite file at all
+    return {name for (name,) in rows}
+
+
+def _check_local_store(uri: str) -> None:
+    """Refuse a local store that MLflow would create (compare only reads) or cannot open.
+
+    A file-store folder (plain path or file: URI) must exist; a sqlite URI must name an existing
+    MLflow database (MLflow would otherwise create the file, or add its tables to it).
+    """
+    folder = _file_store_folder(uri)
+    if folder is not None:
+        if not folder.is_dir():
+            what = "does not exist" if not folder.exists() else "is not a folder"
+            raise ReportError(
+                f"The MLflow tracking URI {uri} is a local path (MLflow's old file store), and "
+                f"{folder} {what}; `mnistjobs compare` only reads, so it creates nothing there. "
+                + _POINT_ELSEWHERE
+            )
+        return  # an existing folder: MLflow opens it, or refuses (see load_runs)
+    if urllib.parse.urlsplit(uri).scheme.lower().split("+")[0] != "sqlite":
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(uri).database
+    except Exception:  # noqa: BLE001 - a malformed URI: MLflow reports it
+        return
+    if not database or database == ":memory:":
+        return
+    if database.startswith("file:"):  # an SQLite URI filename (sqlite:///file:...?uri=true)
+        database = urllib.request.url2pathname(urllib.parse.urlsplit(database).path)
+    path = Path(database)
+    if not path.exists():
+        raise ReportError(
+            f"The MLflow database {path} (from --tracking-uri / MLFLOW_TRACKING_URI {uri}) does "
+            "not exist, and `mnistjobs compare` only reads, so it creates none. Check the path: "
+            "sqlite:////abs/path.db (four slashes) is absolute, sqlite:///name.db is relative to "
+            f"the current folder ({Path.cwd()}). " + _POINT_ELSEWHERE
+        )
+    if not path.is_file():
+        raise ReportError(
+            f"The MLflow database {path} (from {uri}) is not a file. " + _POINT_ELSEWHERE
+        )
+    tables = _sqlite_tables(path)
+    if tables is not None and not {"experiments", "runs"} <= tables:
+        raise ReportError(
+            f"{path} (from {uri}) is not an MLflow database (it has no MLflow tables), and "
+            "`mnistjobs compare` only reads, so it adds none. " + _POINT_ELSEWHERE
+        )
+
+
 def _to_int(value):
     try:
         return int(float(value))
@@ -131,17 +216,19 @@ def load_runs(
     :data:`METRICS` (NaN where a metric was not logged). Raises :class:`ReportError` for an
     unreachable server, an unknown experiment, or no trial runs.
     """
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
 
     if job is not None and ("'" in job or "\\" in job or not job.strip()):
         raise ReportError(f"Invalid job id {job!r}: a job id has no quotes or backslashes.")
-    where = tracking_uri or "the default MLflow tracking URI"
-    if tracking_uri:
-        _check_reachable(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    where = tracking_uri or f"the default MLflow tracking URI ({uri})"
+    _check_reachable(uri)
+    _check_local_store(uri)
     try:
+        client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             names = sorted(e.name for e in client.search_experiments(max_results=50))
@@ -183,6 +270,13 @@ def load_runs(
         with ThreadPoolExecutor(max_workers=min(8, len(found))) as pool:
             histories = list(pool.map(lambda r: _metric_history(client, r.info.run_id), found))
     except MlflowException as exc:
+        if _file_store_folder(uri) is not None:
+            raise ReportError(
+                f"The MLflow tracking URI {uri} is a local folder (MLflow's old file store), which "
+                "MLflow refuses to open (it is in maintenance mode: `mlflow migrate-filestore` "
+                "moves it into a database, MLFLOW_ALLOW_FILE_STORE=true opens it anyway). "
+                + _POINT_ELSEWHERE
+            ) from None
         raise ReportError(f"MLflow at {where} could not be read: {exc.message}") from None
 
     rows = []
@@ -327,30 +421,39 @@ def summary_table(
 
 
 def group_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Mean/min/max final test accuracy per (model, schedule) over its FINISHED seeds.
+    """Mean/min/max final test accuracy per (model, schedule) over its FINISHED runs.
 
-    Only groups with two or more finished runs appear (empty frame when there are none).
+    "Runs" counts the finished runs averaged (two runs of one seed, e.g. from two jobs, count
+    twice); only groups with two or more appear (empty frame when there are none). The TTA
+    columns average the runs that logged a TTA accuracy, and "TTA Runs" says how many of the
+    group's runs that is (0, with "-" means, when none did).
     """
-    columns = ["Model", "Schedule", "Seeds", "Mean Final Test Acc", "Min Final Test Acc",
-               "Max Final Test Acc", "Mean Best Test Acc", "Mean Final TTA Acc", "Min Final TTA Acc"]
+    columns = ["Model", "Schedule", "Runs", "Mean Final Test Acc", "Min Final Test Acc",
+               "Max Final Test Acc", "Mean Best Test Acc", "TTA Runs", "Mean Final TTA Acc",
+               "Min Final TTA Acc"]
     done = summary[(summary["Status"] == "FINISHED") & summary["Final Test Acc"].notna()]
     rows = []
     for (model, schedule), grp in done.groupby(["Model", "Schedule"], sort=False):
         if len(grp) < 2:
             continue
+        tta = grp["Final TTA Acc"].dropna()
         rows.append({
             "Model": model,
             "Schedule": schedule,
-            "Seeds": len(grp),
+            "Runs": len(grp),
             "Mean Final Test Acc": round(float(grp["Final Test Acc"].mean()), 2),
             "Min Final Test Acc": round(float(grp["Final Test Acc"].min()), 2),
             "Max Final Test Acc": round(float(grp["Final Test Acc"].max()), 2),
             "Mean Best Test Acc": round(float(grp["Best Test Acc"].mean()), 2),
-            "Mean Final TTA Acc": round(float(grp["Final TTA Acc"].mean()), 2),  # NaN without TTA
-            "Min Final TTA Acc": round(float(grp["Final TTA Acc"].min()), 2),
+            "TTA Runs": len(tta),
+            "Mean Final TTA Acc": round(float(tta.mean()), 2) if len(tta) else math.nan,
+            "Min Final TTA Acc": round(float(tta.min()), 2) if len(tta) else math.nan,
         })
     table = pd.DataFrame(rows, columns=columns)
-    table["Seeds"] = table["Seeds"].astype("int64")
+    for col in ("Runs", "TTA Runs"):
+        table[col] = table[col].astype("int64")
+    for col in ("Mean Final TTA Acc", "Min Final TTA Acc"):
+        table[col] = table[col].astype("float64")
     return table
 
 
@@ -430,17 +533,52 @@ def render_report(tables: Mapping[str, pd.DataFrame], fmt: str = "table") -> str
     return "\n".join(parts)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+def check_output_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path, if a file can be written there: its folder must already exist (it is
+    never created) and `path` must not be a folder. Raises :class:`ReportError` otherwise."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    folder = path.parent
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise ReportError(
+            f"Cannot write {path}: the folder {folder} {what}. Create it first, or pick another "
+            "path."
+        )
+    if path.is_dir():
+        raise ReportError(f"Cannot write {path}: it is a folder. Give a file name.")
+    return path
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename.
+
+    The folder must exist (:func:`check_output_path`). A new file gets the mode a plain
+    ``open(path, "w")`` gives (0o666 less the umask); a replaced file keeps its mode.
+    """
+    path = check_output_path(path)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the kernel applies the umask, as for open()
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name next to {path}")
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.chmod(tmp, mode)
             fh.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -460,6 +598,7 @@ def plot_accuracy(
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
+    check_output_path(path)  # before drawing: a missing folder is an error, never created
     labels = _labels(runs)
     if epochs.empty or not labels:
         raise ReportError("There are no epoch metrics to plot yet (no run has logged an epoch).")

@@ -148,6 +148,14 @@ class SweepSpec:
         for name, value in values.items():
             if value is None:
                 continue
+            if name in ("models", "schedules") and not (
+                    isinstance(value, str)
+                    or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))):
+                example = "[v0, v2] or 'all'" if name == "models" else "['onecycle', 'cosine:warmup=1']"
+                raise SpecError(f"{name} must be a name or a list of names, e.g. {example}; not {value!r}.")
+            if name in ("data_dir", "storage_path", "experiment") and not isinstance(value, str):
+                raise SpecError(f"{name} must be a string ({'a name' if name == 'experiment' else 'a path'}), "
+                                f"not {value!r}.")
             if name == "models":
                 value = split_models(value)
             elif name == "schedules":
@@ -191,6 +199,9 @@ class SweepSpec:
             if not self.seeds or not all(_is_int(s) and s >= 0 for s in self.seeds):
                 raise SpecError(f"seeds must be a number N >= 1 (seeds 1..N) or a list of seeds >= 0, "
                                 f"not {self.seeds!r}.")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise SpecError(f"seeds lists a seed twice ({self.seeds!r}); each seed runs once per "
+                                f"(model, schedule).")
         else:
             self._check_int("seeds", 1, "--seeds")
         if self.optimizer is not None:
@@ -217,7 +228,8 @@ class SweepSpec:
                     "train_limit", "test_limit", "data_dir"}
         clash = sorted(reserved & set(self.train))
         if clash:
-            raise SpecError(f"train: {', '.join(clash)} are sweep settings; set them at the top level.")
+            raise SpecError(f"train: {', '.join(clash)} {'is a sweep setting' if len(clash) == 1 else 'are sweep settings'}; "
+                            f"set {'it' if len(clash) == 1 else 'them'} at the top level.")
         try:
             trials = self.trials()
         except ValueError as e:  # an unknown key under train:

@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import math
 import os
+import shutil
 import socket
 import struct
 import warnings
@@ -407,7 +408,11 @@ def resolve_data_dir(data_dir=None, home=None, download: bool = True) -> Path:
             f"No MNIST in {folder} and downloading is off. Set MNISTJOBS_DATA_DIR or --data-dir "
             f"to a folder holding the four MNIST IDX files (raw or .gz), or allow the download."
         )
+    # The first of home, home/data, home/data/mnist that does not exist yet: removed again if the
+    # download fails, so that a failed download leaves nothing behind.
+    created = next((p for p in (home, home / "data", folder) if not p.exists()), None)
     try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)  # the state folder is private
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(
@@ -421,6 +426,10 @@ def resolve_data_dir(data_dir=None, home=None, download: bool = True) -> Path:
         try:
             _torchvision_download(folder)
         except Exception as e:  # URLError, socket errors, torchvision's RuntimeError, md5 mismatch
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            else:
+                shutil.rmtree(folder / "MNIST", ignore_errors=True)  # torchvision's partial download
             reason = " ".join(str(e).split())
             if len(reason) > 300:
                 reason = reason[:297] + "..."

@@ -10,8 +10,10 @@ an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from .data import MNIST, MNIST_MEAN, MNIST_STD, AugmentConfig, DeviceLoader, load_mnist, resolve_data_dir
 from .models import create_model, list_models
-from .schedules import build_scheduler, parse_schedule
+from .schedules import build_scheduler, check_schedule, parse_schedule
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 #: Test-time augmentation: the test image plus its one-pixel shifts (background fill); the
@@ -95,7 +97,7 @@ class TrainConfig:
                 or not 0 <= self.clean_epochs <= self.epochs:
             raise ValueError(f"clean_epochs must be an integer from 0 to epochs ({self.epochs}), "
                              f"not {self.clean_epochs!r}")
-        if not isinstance(self.ema, (int, float)) or isinstance(self.ema, bool) or not 0 <= self.ema < 1:
+        if not _is_number(self.ema) or not 0 <= self.ema < 1:
             raise ValueError(f"ema must be a decay in [0, 1) (0: off; e.g. 0.999), not {self.ema!r}")
         if self.tta not in TTA_VIEWS:
             raise ValueError(f"unknown tta {self.tta!r}; valid: {', '.join(TTA_VIEWS)}")
@@ -108,18 +110,45 @@ class TrainConfig:
         for name in ("lr", "momentum", "weight_decay", "label_smoothing", "rotation",
                      "translate", "scale", "shear"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, not {self.lr!r}")
         if self.label_smoothing >= 1:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing!r}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
-        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], not {self.device!r}")
+        if self.dropout is not None and (not _is_number(self.dropout) or not 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be a number in [0, 1), not {self.dropout!r}")
+        for name in ("nesterov", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, not {self.seed!r}")
+        if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
+            raise ValueError(f"data_dir must be a folder path, not {self.data_dir!r}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        try:
+            self.augment_config()  # the warp's own limits (translate and scale < 1, shear < 90)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("AugmentConfig.", "")) from None
+        if not isinstance(self.schedule, str):
+            raise ValueError(f"schedule must be a spec string such as 'onecycle', not {self.schedule!r}")
         parse_schedule(self.schedule)  # raises ScheduleError (a ValueError)
+        # Build and step the schedule through the whole run on a throwaway optimizer, so that a
+        # spec torch would refuse fails here, before any training (train set size: MNIST's 60,000).
+        n_train = min(self.train_limit or 60_000, 60_000)
+        _check_schedule(self.schedule, float(self.lr), self.epochs, math.ceil(n_train / self.batch_size))
         return self
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_schedule(spec: str, lr: float, epochs: int, steps_per_epoch: int) -> None:
+    """check_schedule, once per distinct run shape (a sweep validates many trials that share one)."""
+    check_schedule(spec, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
 
 
 #: Each model's departures from TrainConfig's defaults. TrainConfig's defaults plus these are the
@@ -229,7 +258,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read: missing, truncated or not ours."""
+    """A checkpoint that cannot be read (missing, truncated, not ours) or a folder that cannot
+    hold checkpoints."""
+
+
+#: What every checkpoint holds (``fit`` writes more: history, rng, and with EMA the live weights).
+_CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "best_test_acc")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -239,9 +273,35 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt file
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} is not a mnistjobs checkpoint (version {CHECKPOINT_VERSION})")
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"checkpoint {path} cannot be read: it is truncated, corrupt or not a "
+                              f"PyTorch checkpoint ({type(exc).__name__}: {reason})") from None
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(_CHECKPOINT_KEYS)
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or missing:
+        raise CheckpointError(f"{path} is not a mnistjobs checkpoint (version {CHECKPOINT_VERSION}, "
+                              f"as `mnistjobs train` writes to last.pt and best.pt)")
+    return state
+
+
+def prepare_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check that checkpoints can be written there; raise
+    CheckpointError saying why not (before any training, not after the first epoch)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoints to {path} ({exc.strerror or exc}); choose a "
+                              f"folder you can write (--checkpoint-dir)") from None
+    return path
+
+
+def check_resumable(config: "TrainConfig", path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint at ``path``, after checking that ``config`` may continue it (CheckpointError)."""
+    state = load_checkpoint(path)
+    _check_resumable(state["config"], config, path)
     return state
 
 
@@ -343,9 +403,9 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
     augment = train_loader.augment
 
     start_epoch, best_acc, history = 1, -1.0, []
+    ckpt_dir = prepare_checkpoint_dir(checkpoint_dir) if checkpoint_dir is not None else None
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        _check_resumable(state["config"], config, resume_from)
+        state = check_resumable(config, resume_from)
         if ema is not None:  # "model" holds the evaluated (averaged) weights, "live" the trained ones
             model.load_state_dict(state["live"])
             ema.load_state_dict({"model": state["model"], "updates": state["ema_updates"]})
@@ -358,7 +418,6 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
         history = list(state.get("history", []))
         torch.set_rng_state(state["rng"]["torch"])
 
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     n_batches = len(train_loader)
     for epoch in range(start_epoch, config.epochs + 1):
         torch.manual_seed(_epoch_seed(config.seed, epoch))  # dropout RNG
@@ -375,6 +434,8 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if i == n_batches:
+                lr_used = scheduler.get_lr()  # the lr this epoch's last step used
             scheduler.step_batch()
             if ema is not None:
                 ema.update()
@@ -383,7 +444,6 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
             seen += y.numel()
             if progress is not None and (i % progress_every == 0 or i == n_batches):
                 progress(epoch, i, n_batches, loss_sum.item() / seen, 100.0 * correct.item() / seen)
-        lr_used = scheduler.get_lr()
         train_loss, train_acc = loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

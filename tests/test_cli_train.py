@@ -82,6 +82,16 @@ def test_train_resumes_an_interrupted_run(run, synthetic_dir, synthetic_data, tm
     assert "[epoch 2," in r.output and "[epoch 3," in r.output and "[epoch 1," not in r.output
     r = run(*args, "--epochs", "4")  # another schedule length: not the same run
     assert r.exit_code == 2 and "epochs=3 there, 4 here" in r.output
+    assert r.output.startswith("Error: "), "the error is the whole output: no header line before it"
+    r = run(*args, "--epochs", "3")  # the run is complete: nothing to train, and it says so
+    assert r.exit_code == 0 and "Nothing to resume" in r.output and "epoch 3 of 3" in r.output
+    assert "[epoch" not in r.output
+
+
+def _no_cuda():
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("args, words", [
@@ -89,12 +99,47 @@ def test_train_resumes_an_interrupted_run(run, synthetic_dir, synthetic_data, tm
     (["--batch-size", "0"], "batch_size must be"),
     (["--model", "v7"], "unknown model 'v7'"),
     (["--schedule", "onecycle:peak=3"], "no key 'peak'"),
+    (["--schedule", "onecycle:pct_start=1.5"], "pct_start"),
+    (["--schedule", "step:step_size=0"], "step_size"),
+    (["--device", "cudax"], "device must be auto, cpu, cuda or cuda:N"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif("not _no_cuda()")),
+    (["--resume", "{tmp}/nothere.pt"], "does not exist"),
+    (["--resume", "{tmp}/notes.txt"], "cannot be read"),
+    (["--resume", "{tmp}/empty.pt"], "is not a mnistjobs checkpoint"),
 ])
-def test_train_bad_input_exits_2(run, synthetic_dir, tmp_path, args, words):
+def test_train_bad_input_exits_2(run, home, synthetic_dir, tmp_path, args, words):
+    import torch
+
+    (tmp_path / "notes.txt").write_text("hello\n")
+    torch.save({"version": 1}, tmp_path / "empty.pt")
+    args = [a.format(tmp=tmp_path) for a in args]
     r = run("train", "--data-dir", synthetic_dir, "--checkpoint-dir", tmp_path / "ck", *args)
     assert r.exit_code == 2, r.output
-    assert words in r.output and "Traceback" not in r.output
-    assert not (tmp_path / "ck").exists()
+    assert r.output.startswith("Error: ") and words in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "ck").exists() and not home.exists()
+
+
+def test_train_unwritable_checkpoint_dir_exits_2_before_training(run, home, synthetic_dir, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    r = run("train", "--data-dir", synthetic_dir, "--checkpoint-dir", tmp_path / "a-file" / "ck", "--epochs", "1")
+    assert r.exit_code == 2, r.output
+    assert "cannot write checkpoints to" in r.output and "--checkpoint-dir" in r.output
+    assert "Test set" not in r.output and not home.exists()
+
+
+def test_train_default_checkpoints_make_a_private_state_folder(run, home, synthetic_dir):
+    r = run("train", "--model", "v2", "--data-dir", synthetic_dir, "--epochs", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (home / "runs" / "v2-s1" / "last.pt").is_file()
+    assert home.stat().st_mode & 0o777 == 0o700
+
+
+def test_train_a_run_of_a_few_steps(run, synthetic_dir, tmp_path):
+    """512 images at batch 103 are 5 steps: onecycle's warmup is 0.2 x 5 = 1 step (it once divided by 0)."""
+    r = run("train", "--model", "v2", "--data-dir", synthetic_dir, "--checkpoint-dir", tmp_path / "ck",
+            "--epochs", "1", "--batch-size", "103", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "final test accuracy" in r.output
 
 
 def test_train_missing_data_dir_exits_2_and_names_it(run, tmp_path):

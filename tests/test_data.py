@@ -280,6 +280,23 @@ def test_offline_download_fails_fast_with_clear_message(tmp_path, monkeypatch):
     assert str(tmp_path / "home" / "data" / "mnist") in msg
     assert "MNISTJOBS_DATA_DIR" in msg and "--data-dir" in msg
     assert "\n" not in msg
+    assert not (tmp_path / "home").exists(), "a failed download leaves nothing behind"
+
+
+def test_failed_download_into_an_existing_home_removes_only_what_it_made(tmp_path, monkeypatch):
+    monkeypatch.delenv("MNISTJOBS_DATA_DIR", raising=False)
+    home = tmp_path / "home"
+    (home / "runs").mkdir(parents=True)
+
+    def half(folder, timeout=60.0):  # torchvision got partway, then the network went
+        (folder / "MNIST" / "raw").mkdir(parents=True)
+        (folder / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(D, "_torchvision_download", half)
+    with pytest.raises(DataError, match="Network is unreachable"):
+        resolve_data_dir(home=home)
+    assert sorted(p.name for p in home.iterdir()) == ["runs"]
 
 
 def test_download_off_and_forced_failure(tmp_path, monkeypatch):
@@ -305,9 +322,10 @@ def test_download_once(tmp_path, monkeypatch, synth_data):
             write_idx(folder / "MNIST" / "raw" / base, getattr(synth_data, key).to(torch.uint8))
 
     monkeypatch.setattr(D, "_torchvision_download", fake)
-    folder = resolve_data_dir(home=tmp_path)
-    assert folder == tmp_path / "data" / "mnist" and len(calls) == 1
-    assert resolve_data_dir(home=tmp_path) == folder and len(calls) == 1
+    folder = resolve_data_dir(home=tmp_path / "home")
+    assert folder == tmp_path / "home" / "data" / "mnist" and len(calls) == 1
+    assert (tmp_path / "home").stat().st_mode & 0o777 == 0o700, "the state folder is private"
+    assert resolve_data_dir(home=tmp_path / "home") == folder and len(calls) == 1
     assert torch.equal(load_mnist(folder).train_labels, synth_data.train_labels)
 
 

@@ -125,16 +125,43 @@ def test_group_mean_min_over_finished_seeds():
     runs, epochs = fake_frames()
     groups = report.group_table(report.summary_table(runs, epochs)).set_index("Model")
     assert list(groups.index) == ["v0", "v1"]
-    assert groups.loc["v0", "Seeds"] == 2
+    assert groups.loc["v0", "Runs"] == 2
     assert groups.loc["v0", "Mean Final Test Acc"] == pytest.approx((99.41 + 99.51) / 2)
     assert groups.loc["v0", "Min Final Test Acc"] == pytest.approx(99.41)
     # the FAILED v1 seed 3 is not counted
-    assert groups.loc["v1", "Seeds"] == 2
+    assert groups.loc["v1", "Runs"] == 2
     assert groups.loc["v1", "Mean Final Test Acc"] == pytest.approx((99.43 + 99.39) / 2)
     assert groups.loc["v1", "Min Final Test Acc"] == pytest.approx(99.39)
     # a single seed per group -> no group rows
     runs1, epochs1 = fake_frames(["v0-onecycle-s1", "v1-onecycle-s1"])
     assert report.group_table(report.summary_table(runs1, epochs1)).empty
+
+
+def test_group_tta_columns_say_how_many_runs_they_cover():
+    runs, epochs = fake_frames(["v0-onecycle-s1", "v0-onecycle-s2", "v1-onecycle-s1",
+                                "v1-onecycle-s2"])
+    epochs["tta_test_acc"] = math.nan
+    last = epochs.groupby("run_id")["epoch"].transform("max") == epochs["epoch"]
+    tta = {"v0-onecycle-s1": 99.52, "v0-onecycle-s2": 99.48, "v1-onecycle-s1": 99.50}
+    for label, value in tta.items():  # v1-onecycle-s2 has no TTA
+        epochs.loc[last & (epochs["label"] == label), "tta_test_acc"] = value
+    groups = report.group_table(report.summary_table(runs, epochs))
+    g = groups.set_index("Model")
+    assert list(g["Runs"]) == [2, 2] and list(g["TTA Runs"]) == [2, 1]
+    assert g.loc["v0", "Mean Final TTA Acc"] == pytest.approx(99.50)
+    assert g.loc["v0", "Min Final TTA Acc"] == pytest.approx(99.48)
+    assert g.loc["v1", "Mean Final TTA Acc"] == pytest.approx(99.50)  # over its 1 TTA run
+    header, rows = parse_markdown(report.render(groups, "markdown"))
+    v1 = dict(zip(header, rows[1]))
+    assert (v1["Runs"], v1["TTA Runs"], v1["Mean Final TTA Acc"]) == ("2", "1", "99.50%")
+    back = pd.read_csv(io.StringIO(report.render(groups, "csv"))).set_index("Model")
+    assert back.loc["v1", "TTA Runs"] == 1 and back.loc["v1", "Mean Final TTA Acc"] == 99.5
+    # no run with TTA: a count of 0 and no mean
+    epochs["tta_test_acc"] = math.nan
+    g = report.group_table(report.summary_table(runs, epochs)).set_index("Model")
+    assert list(g["TTA Runs"]) == [0, 0] and g["Mean Final TTA Acc"].isna().all()
+    text = report.render(g.reset_index(), "table")
+    assert text.splitlines()[-1].split()[-3:] == ["0", "-", "-"]
 
 
 def parse_markdown(text):
@@ -200,6 +227,7 @@ def test_render_report_sections():
 def test_plot_is_png_and_atomic(tmp_path):
     runs, epochs = fake_frames()
     out = tmp_path / "plots" / "acc.png"
+    out.parent.mkdir()  # the folder must exist: plot_accuracy never creates one
     report.plot_accuracy(epochs, runs, out)
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
@@ -259,6 +287,122 @@ def test_compare_without_any_tracking_uri_exits_2(tmp_path, monkeypatch):
                                 env={"MLFLOW_TRACKING_URI": None})
     assert result.exit_code == 2
     assert "--tracking-uri" in result.output and "MLFLOW_TRACKING_URI" in result.output
+
+
+# ----------------------------------------------------------------------------- sqlite stores
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory):
+    """A real MLflow SQLite store (no server): seed 1 of v0 run by two jobs, one with TTA."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    tmp = tmp_path_factory.mktemp("sqlite_store")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("mnistjobs", artifact_location=str(tmp / "art"))
+    for i, (job, test, tta) in enumerate([(JOB_A, [98.0, 99.40], 99.50),
+                                          (JOB_B, [98.1, 99.60], None)]):
+        start = T0 + i * 1000
+        run = client.create_run(exp, run_name="v0-onecycle-s1", start_time=start, tags={
+            "mnistjobs.job_id": job, "mnistjobs.role": "trial", "mnistjobs.trial_id": f"t{i}"})
+        metrics = [Metric(k, v, start + e, e) for e, te in enumerate(test, start=1)
+                   for k, v in (("test_acc", te), ("train_acc", te - 1.0))]
+        if tta is not None:
+            metrics.append(Metric("tta_test_acc", tta, start + 9, len(test)))
+        ps = {"model": "v0", "params": 18214, "schedule": "onecycle", "seed": 1, "epochs": 2}
+        client.log_batch(run.info.run_id, metrics=metrics,
+                         params=[Param(k, str(v)) for k, v in ps.items()])
+        client.set_terminated(run.info.run_id, status="FINISHED", end_time=start + 60_000)
+    return uri
+
+
+def test_compare_file_store_uri_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    missing = tmp_path / "x" / "mlruns"
+    existing = tmp_path / "old" / "mlruns"
+    existing.mkdir(parents=True)
+    for args, env in [(["--tracking-uri", str(missing)], {}),
+                      ([], {"MLFLOW_TRACKING_URI": missing.as_uri()}),
+                      (["--tracking-uri", str(existing)], {})]:
+        result = CliRunner().invoke(main, ["compare", *args], env=env)
+        assert result.exit_code == 2, result.output
+        assert isinstance(result.exception, SystemExit)  # a clean message, no traceback
+        out = " ".join(result.output.split())
+        assert "mlruns" in out and "sqlite:///" in out and "mnistjobs up" in out
+        assert "Traceback" not in out
+    assert not (tmp_path / "x").exists()
+    assert list(existing.iterdir()) == []
+
+
+def test_compare_missing_sqlite_database_creates_nothing(tmp_path, monkeypatch):
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri",
+                                       f"sqlite:///{tmp_path}/nothere.db"])
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path}/nothere.db" in " ".join(result.output.split())
+    assert "does not exist" in result.output and "INFO" not in result.output
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(report.ReportError, match="typo.db.*does not exist"):
+        report.load_runs("sqlite:///typo.db")
+    assert list(tmp_path.iterdir()) == []
+    # an existing file that is no MLflow database: refused, left as it was
+    (tmp_path / "empty.db").write_bytes(b"")
+    (tmp_path / "notes.db").write_text("not a database\n" * 20)
+    for name in ("empty.db", "notes.db"):
+        result = CliRunner().invoke(main, ["compare", "--tracking-uri", f"sqlite:///{name}"])
+        assert result.exit_code == 2 and "not an MLflow database" in result.output, result.output
+    assert (tmp_path / "empty.db").read_bytes() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "notes.db"]
+
+
+def test_compare_output_folder_must_exist(sqlite_store, tmp_path):
+    for option, name in [("-o", "out.md"), ("--plot", "acc.png")]:
+        target = tmp_path / "missing" / "dir" / name
+        result = CliRunner().invoke(main, ["compare", "--tracking-uri", sqlite_store,
+                                           option, str(target)])
+        assert result.exit_code == 2, result.output
+        assert str(target.parent) in result.output and "does not exist" in result.output
+        assert not (tmp_path / "missing").exists()
+    with pytest.raises(report.ReportError, match="missing.*does not exist"):
+        report.write_atomic(tmp_path / "missing" / "x.txt", "data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_follow_the_umask(sqlite_store, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out, plot = tmp_path / "out.md", tmp_path / "acc.png"
+        result = CliRunner().invoke(main, ["compare", "--tracking-uri", sqlite_store, "--format",
+                                           "markdown", "-o", str(out), "--plot", str(plot)])
+        assert result.exit_code == 0, result.output
+        assert os.stat(out).st_mode & 0o777 == 0o644
+        assert os.stat(plot).st_mode & 0o777 == 0o644
+        os.umask(0o027)
+        assert os.stat(report.write_atomic(tmp_path / "new.txt", "x")).st_mode & 0o777 == 0o640
+        os.chmod(out, 0o600)  # a file written again keeps its mode, as with open(path, "w")
+        report.write_atomic(out, "again")
+        assert out.read_text() == "again" and os.stat(out).st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acc.png", "new.txt", "out.md"]
+
+
+def test_cli_compare_groups_count_runs_and_tta_coverage(sqlite_store):
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", sqlite_store,
+                                       "--table", "groups", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    back = pd.read_csv(io.StringIO(result.output))
+    assert "Seeds" not in back.columns  # seed 1 from two jobs is two runs, not two seeds
+    row = back.iloc[0]
+    assert (row["Model"], row["Runs"], row["TTA Runs"]) == ("v0", 2, 1)
+    assert row["Mean Final Test Acc"] == pytest.approx(99.5)
+    assert row["Mean Final TTA Acc"] == pytest.approx(99.5)
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", sqlite_store,
+                                       "--table", "groups", "--format", "markdown"])
+    header, rows = parse_markdown(result.output)
+    cells = dict(zip(header, rows[0]))
+    assert (cells["Runs"], cells["TTA Runs"], cells["Min Final TTA Acc"]) == ("2", "1", "99.50%")
 
 
 # ----------------------------------------------------------------------------- real MLflow

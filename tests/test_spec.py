@@ -74,7 +74,7 @@ def test_explicit_seed_list():
     ({"optimizer": "rmsprop"}, "Unknown optimizer"),
     ({"train_limit": 0}, "--train-limit"),
     ({"experiment": " "}, "--experiment"),
-    ({"train": {"model": "v1"}}, "sweep settings"),
+    ({"train": {"model": "v1"}}, "model is a sweep setting"),
     ({"train": {"lr": -1}}, "lr"),
 ])
 def test_validate_rejects(values, needle):
@@ -102,6 +102,20 @@ def test_yaml_file_and_flags_override(tmp_path):
     ("models: [v0\n", "not valid YAML"),
     ("- v0\n- v1\n", "must be a mapping"),
     ("modles: [v0]\n", "unknown setting 'modles'"),
+    # values of the wrong type or out of range: a SpecError naming the setting, never a TypeError
+    # here or a failure on the cluster after the trials started
+    ("models: 5\n", "models must be a name or a list"),
+    ("schedules: 5\n", "schedules must be a name or a list"),
+    ("data_dir: 5\n", "data_dir must be a string"),
+    ("storage_path: 5\n", "storage_path must be a string"),
+    ("seeds: [1, 1]\n", "seeds lists a seed twice"),
+    ("train: {dropout: '0.1'}\n", "dropout must be a number"),
+    ("train: {translate: 1.5}\n", "translate is a fraction"),
+    ("train: {shear: 90}\n", "shear must be < 90"),
+    ("train: {nesterov: 'no'}\n", "nesterov must be true or false"),
+    ("train: {device: cudax}\n", "device must be auto, cpu, cuda or cuda:N"),
+    ("train: {model: v1, epochs: 2}\n", "are sweep settings"),
+    ("train: {model: v1}\n", "model is a sweep setting"),
 ])
 def test_bad_yaml(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"

@@ -77,9 +77,15 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
     ok = tmp_path / "ok.pt"
-    save_checkpoint(ok, {"version": 1, "x": torch.ones(2)})
+    state = {"version": 1, "epoch": 1, "config": {}, "model": {"w": torch.ones(2)}, "optimizer": {},
+             "scheduler": {}, "best_test_acc": 0.0}
+    save_checkpoint(ok, state)
     assert not list(tmp_path.glob("*.tmp"))
-    assert torch.equal(load_checkpoint(ok)["x"], torch.ones(2))
+    assert torch.equal(load_checkpoint(ok)["model"]["w"], torch.ones(2))
+    for key in ("config", "model", "epoch"):  # a checkpoint of ours lacking a part is refused, not a KeyError
+        save_checkpoint(ok, {k: v for k, v in state.items() if k != key})
+        with pytest.raises(CheckpointError, match="not a mnistjobs checkpoint"):
+            load_checkpoint(ok)
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -94,6 +100,15 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     (dict(ema=1.0), "ema must be a decay"),
     (dict(ema=-0.1), "ema must be a decay"),
     (dict(clean_epochs=4), "clean_epochs must be an integer from 0 to epochs"),
+    (dict(dropout="0.1"), "dropout must be a number"),
+    (dict(nesterov="no"), "nesterov must be true or false"),
+    (dict(augment=1), "augment must be true or false"),
+    (dict(translate=1.5), "translate is a fraction"),
+    (dict(scale=1.0), "scale is a fraction"),
+    (dict(shear=95.0), "shear must be < 90"),
+    (dict(device="cudax"), "device must be auto, cpu, cuda or cuda:N"),
+    (dict(seed="1"), "seed must be an integer"),
+    (dict(schedule=None), "schedule must be a spec string"),
 ])
 def test_validate_rejects_bad_settings(kw, words):
     with pytest.raises(ValueError, match=words):
@@ -216,3 +231,27 @@ def test_tta_is_reported_after_the_last_epoch_only(synthetic_data, tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["history"][-1]["tta_test_acc"] == last["tta_test_acc"]
     with pytest.raises(ValueError, match="unknown tta"):
         _config(tta="rot").validate()
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")  # the replay steps no optimizer
+@pytest.mark.parametrize("schedule", ["onecycle:max_lr=0.1", "cosine:warmup=1", "step:step_size=1,gamma=0.5"])
+def test_logged_lr_is_the_lr_of_the_epochs_last_step(synthetic_data, schedule):
+    """Per-batch schedules step after every batch: the logged lr is the one the last batch used,
+    not the next one (for the last epoch that would be past the end of the schedule)."""
+    from mnistnets.schedules import build_scheduler
+
+    config = _config(schedule=schedule)
+    results = list(fit(config, data=synthetic_data))
+    n_batches = -(-len(synthetic_data.train_labels) // config.batch_size)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    sched = build_scheduler(schedule, opt, config.epochs, n_batches)
+    expected = []
+    for r in results:
+        for i in range(1, n_batches + 1):
+            if i == n_batches:
+                expected.append(sched.get_lr())
+            sched.step_batch()
+        sched.step_epoch(r["test_loss"])
+    assert [r["lr"] for r in results] == pytest.approx(expected, rel=1e-12)
+    if schedule.startswith("onecycle"):  # the last step of a one-cycle run is near its floor
+        assert results[-1]["lr"] < 1e-3
