@@ -45,7 +45,7 @@ def recipe_options(func):
     """
     options = [
         click.option("--epochs", type=int, default=None, help="Epochs per run  [default: 15]"),
-        click.option("--batch-size", type=int, default=None, help="Training batch size  [default: 128]"),
+        click.option("--batch-size", type=int, default=None, help="Training batch size  [default: 128; v0: 64]"),
         click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default=None,
                      help="Optimizer  [default: sgd, Nesterov momentum 0.9]"),
         click.option("--lr", type=float, default=None,
