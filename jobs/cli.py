@@ -771,7 +771,6 @@ def train_cmd(model_name, schedule, seed, device, checkpoint_dir, resume_from, q
         raise UsageFailure(str(exc)) from None
     state = _state_home(home)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else state / "runs" / f"{config.model}-s{config.seed}"
-    done_epochs = 0
     if resume_from is not None:
         try:
             done_epochs = int(check_resumable(config, resume_from)["epoch"])

@@ -78,12 +78,15 @@ def _onecycle_pct_start(pct_start: float, total_steps: int, three_phase: bool) -
     return pct_start
 
 
-def _onecycle(opt, epochs, steps, max_lr=None, pct_start=0.2, div_factor=25.0,
+#: onecycle's default warmup fraction: the recipe's 0.2 (torch's own default is 0.25).
+ONECYCLE_PCT_START = 0.2
+
+
+def _onecycle(opt, epochs, steps, max_lr=None, pct_start=ONECYCLE_PCT_START, div_factor=25.0,
               final_div_factor=1e4, anneal="cos", three_phase=False):
+    # anneal and pct_start were checked by parse_schedule, which every Scheduler goes through
     if max_lr is None:
         max_lr = [g["lr"] for g in opt.param_groups]
-    if anneal not in ("cos", "linear"):
-        raise ScheduleError(f"onecycle: anneal must be 'cos' or 'linear', not {anneal!r}")
     total_steps = max(1, epochs * steps)
     return lr_scheduler.OneCycleLR(
         opt, max_lr=max_lr, total_steps=total_steps,
@@ -222,7 +225,7 @@ def parse_schedule(spec: str) -> tuple[str, dict[str, Any]]:
         anneal = options.get("anneal", "cos")
         if anneal not in ("cos", "linear"):
             raise ScheduleError(f"schedule {name!r}: anneal must be 'cos' or 'linear', not {anneal!r}")
-        pct_start = options.get("pct_start", 0.2)
+        pct_start = options.get("pct_start", ONECYCLE_PCT_START)
         if options.get("three_phase") and not pct_start < 0.5:
             # the down phase would end after the run does: the lr would never anneal to its minimum
             raise ScheduleError(f"schedule {name!r}: with three_phase, pct_start must be "

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .data import MNIST, MNIST_MEAN, MNIST_STD, AugmentConfig, DeviceLoader, load_mnist, resolve_data_dir
 from .models import create_model, list_models
-from .schedules import build_scheduler, check_schedule, parse_schedule
+from .schedules import build_scheduler, check_schedule
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 #: Test-time augmentation: the test image plus its one-pixel shifts (background fill); the
@@ -133,9 +133,9 @@ class TrainConfig:
             raise ValueError(str(exc).replace("AugmentConfig.", "")) from None
         if not isinstance(self.schedule, str):
             raise ValueError(f"schedule must be a spec string such as 'onecycle', not {self.schedule!r}")
-        parse_schedule(self.schedule)  # raises ScheduleError (a ValueError)
-        # Build and step the schedule through the whole run on a throwaway optimizer, so that a
-        # spec torch would refuse fails here, before any training (train set size: MNIST's 60,000).
+        # Parse the spec (ScheduleError, a ValueError, names what is wrong), then build and step it
+        # through the whole run on a throwaway optimizer, so that a spec torch would refuse fails
+        # here, before any training (train set size: MNIST's 60,000).
         n_train = min(self.train_limit or 60_000, 60_000)
         _check_schedule(self.schedule, float(self.lr), self.epochs, math.ceil(n_train / self.batch_size))
         return self
