@@ -57,9 +57,9 @@ def _run(model: str, seed: int, epochs: int, data_dir: str, threads: int, overri
 
 def _from_mlflow(experiment: str, home: str | None, tracking_uri: str | None, job: str | None = None) -> list[dict]:
     """The FINISHED trial runs of an MLflow experiment, in this script's run format."""
-    from jobs import report
+    from jobs import report, services
 
-    uri = tracking_uri or report.default_tracking_uri(home or ".mnistjobs")
+    uri = tracking_uri or services.tracking_uri_for(home or ".mnistjobs")
     if not uri:
         raise SystemExit(f"no MLflow server known for the state folder {home}; pass --tracking-uri")
     runs, epochs = report.load_runs(uri, experiment, job)

@@ -125,6 +125,7 @@ class WorkerThreads(threading.Thread):
 
 def run_service(args, spec, home: Path) -> dict:
     from jobs import services, tracking
+    from jobs.contract import ROLE_SWEEP, TAG_ROLE
 
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_VARS}
     env["PYTHONUNBUFFERED"] = "1"
@@ -158,12 +159,12 @@ def run_service(args, spec, home: Path) -> dict:
         runs = tracking.job_runs(mlf, job)
         trials, parent = [], None
         for r in runs:
-            if r.data.tags.get("mnistjobs.role") == "sweep":
+            if r.data.tags.get(TAG_ROLE) == ROLE_SWEEP:
                 parent = r
                 continue
-            hist = sorted(mlf.get_metric_history(r.info.run_id, "epoch_seconds"), key=lambda m: m.step)
+            hist = tracking.metric_history(mlf, r.info.run_id, ["epoch_seconds"])["epoch_seconds"]
             trials.append({"name": r.info.run_name, "status": r.info.status, "start": r.info.start_time / 1000,
-                           "end": (r.info.end_time or 0) / 1000, "epoch_seconds": [m.value for m in hist]})
+                           "end": (r.info.end_time or 0) / 1000, "epoch_seconds": [value for _, value in hist]})
         trials.sort(key=lambda t: t["name"])
         out["trials"] = trials
         if parent is not None:

@@ -31,8 +31,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-
 
 def _sync(device):
     if device.type == "cuda":
@@ -76,10 +74,12 @@ def bench_trainer(config, data) -> float:
 
 def _torchvision_root(data_dir: Path) -> Path:
     """torchvision's MNIST wants decompressed files in <root>/MNIST/raw."""
+    from mnistnets.data import MNIST_FILES
+
     root = Path(tempfile.mkdtemp(prefix="mnistjobs-bench-"))
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in FILES:
+    for name in MNIST_FILES.values():
         gz = data_dir / f"{name}.gz"
         if gz.exists():
             with gzip.open(gz, "rb") as src, open(raw / name, "wb") as dst:
@@ -93,8 +93,10 @@ def bench_seed(config, root: Path, device, workers: int, limit: int | None) -> f
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
+    from mnistnets.data import MNIST_MEAN, MNIST_STD
+
     tf = transforms.Compose([transforms.RandomRotation((-7.0, 7.0), fill=(0,)), transforms.ToTensor(),
-                             transforms.Normalize((0.1307,), (0.3081,))])
+                             transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
     ds = datasets.MNIST(str(root), train=True, download=False, transform=tf)
     if limit:
         ds = Subset(ds, range(limit))

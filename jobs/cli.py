@@ -107,22 +107,23 @@ TERMINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 def _svc_call(func, *args, **kwargs):
     """Run a jobs.services call, mapping its errors to exit codes (2: bad input, 1: runtime)."""
     from jobs import services
+    from jobs.cluster import UnreachableError
 
     try:
         return func(*args, **kwargs)
-    except (services.PortInUseError, services.UnreachableError) as exc:
+    except (services.PortInUseError, UnreachableError) as exc:
         raise UsageFailure(str(exc)) from None
     except services.ServiceError as exc:
         raise click.ClickException(str(exc)) from None
 
 
 def _svc_connect(address, tracking_uri, home, *, start):
-    from jobs import services
+    from jobs import cluster as clusters
 
     def log(msg):
         click.echo(msg, err=True)
 
-    cluster = _svc_call(services.connect, address, tracking_uri, home, start=start, log=log)
+    cluster = _svc_call(clusters.connect, address, tracking_uri, home, start=start, log=log)
     if start and cluster.embedded and cluster.services is not None and not cluster.services.reused:
         click.echo(f"Started the embedded services in {cluster.services.home}: Ray dashboard "
                    f"{cluster.services.dashboard_url}, MLflow {cluster.services.mlflow_url}", err=True)
@@ -321,10 +322,10 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
     except SpecError as exc:
         raise UsageFailure(str(exc)) from None
     if not address and spec.data_dir:
-        from mnistnets.data import load_mnist, resolve_data_dir
+        from jobs.datadir import load_data
 
         try:
-            load_mnist(resolve_data_dir(spec.data_dir), train_limit=1, test_limit=1)
+            load_data(spec.data_dir, train_limit=1, test_limit=1)
         except DataError as exc:
             raise UsageFailure(str(exc)) from None
     if dry_run:
@@ -332,18 +333,18 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
         click.echo(format_trial_table(spec))
         return
     if address and not tracking_uri:
-        from jobs import services
+        from jobs import cluster as clusters, services
 
         rec = services.load_record(home)
-        if rec is None or rec.dashboard_url.rstrip("/") != services.dashboard_url_of(address):
+        if rec is None or rec.dashboard_url.rstrip("/") != clusters.dashboard_url_of(address):
             raise UsageFailure("With --address (RAY_ADDRESS), give --tracking-uri (MLFLOW_TRACKING_URI): "
                                "the MLflow server that the cluster's workers can reach.")
-    from jobs import services
+    from jobs import cluster as clusters
 
     if tracking_uri:
-        _svc_call(services.check_tracking_uri, tracking_uri)
+        _svc_call(clusters.check_tracking_uri, tracking_uri)
     cluster = _svc_connect(address, tracking_uri, home, start=True)
-    client = _svc_call(services.job_client, cluster)
+    client = _svc_call(clusters.job_client, cluster)
     import secrets
 
     job_id = f"mj-{secrets.token_hex(4)}"
@@ -366,7 +367,7 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
 def status_cmd(job, address, tracking_uri, home):
     """Show a job (its state and a table of its trials from MLflow), or, with no JOB, the
     embedded services and the jobs on the cluster."""
-    from jobs import services
+    from jobs import cluster as clusters, services
 
     if job is None and not address:
         st = services.status(home)
@@ -380,7 +381,7 @@ def status_cmd(job, address, tracking_uri, home):
         if not st["running"]:
             return
     cluster = _svc_connect(address, tracking_uri, home, start=False)
-    client = _svc_call(services.job_client, cluster)
+    client = _svc_call(clusters.job_client, cluster)
     if job is None:
         _svc_print_jobs(client)
         return
@@ -417,10 +418,10 @@ def _svc_print_jobs(client):
 @home_option
 def list_cmd(address, home):
     """List the jobs on the cluster: id, state, submission time, run time, sweep."""
-    from jobs import services
+    from jobs import cluster as clusters
 
     cluster = _svc_connect(address, None, home, start=False)
-    _svc_print_jobs(_svc_call(services.job_client, cluster))
+    _svc_print_jobs(_svc_call(clusters.job_client, cluster))
 
 
 @main.command("logs", context_settings=CONTEXT_SETTINGS)
@@ -430,10 +431,10 @@ def list_cmd(address, home):
 @home_option
 def logs_cmd(job, follow, address, home):
     """Print a job's log: the sweep driver's output, one line per trial epoch and event."""
-    from jobs import services
+    from jobs import cluster as clusters
 
     cluster = _svc_connect(address, None, home, start=False)
-    client = _svc_call(services.job_client, cluster)
+    client = _svc_call(clusters.job_client, cluster)
     _svc_job_info(client, cluster, job)
     if follow:
         info = _svc_follow(client, cluster, job)
@@ -451,10 +452,10 @@ def cancel_cmd(job, address, tracking_uri, home):
     """Stop a job: its trials end and its MLflow runs are marked KILLED (never left RUNNING)."""
     import time as _time
 
-    from jobs import services, tracking
+    from jobs import cluster as clusters, tracking
 
     cluster = _svc_connect(address, tracking_uri, home, start=False)
-    client = _svc_call(services.job_client, cluster)
+    client = _svc_call(clusters.job_client, cluster)
     info = _svc_job_info(client, cluster, job)
     before = _svc_status_text(info)
     if before not in TERMINAL_JOB_STATES:
@@ -490,11 +491,11 @@ def resume_cmd(job, wait, address, tracking_uri, home):
 
     Finished trials are not repeated; unfinished and failed ones continue from their last
     checkpoint in their own MLflow runs. The resumed run is a new Ray job (JOB-r1, ...)."""
-    from jobs import services
+    from jobs import cluster as clusters
     from jobs.spec import SpecError, SweepSpec
 
     cluster = _svc_connect(address, tracking_uri, home, start=False)
-    client = _svc_call(services.job_client, cluster)
+    client = _svc_call(clusters.job_client, cluster)
     info = _svc_job_info(client, cluster, job)
     state = _svc_status_text(info)
     if state not in TERMINAL_JOB_STATES:
@@ -561,10 +562,11 @@ def up_cmd(host, ray_port, dashboard_port, mlflow_port, num_cpus, num_gpus, home
 def down_cmd(home):
     """Stop the embedded services (and any jobs still running on them)."""
     from jobs import services
+    from jobs.state import resolve_home
 
     rec = _svc_call(services.down, home)
     if rec is None:
-        click.echo(f"Nothing to stop: no embedded services are recorded in {services.resolve_home(home)}.")
+        click.echo(f"Nothing to stop: no embedded services are recorded in {resolve_home(home)}.")
     else:
         click.echo(f"Stopped the embedded Ray ({rec.dashboard_url}) and MLflow ({rec.mlflow_url}).")
 # --- service commands end
@@ -614,13 +616,11 @@ def compare(experiment, job, fmt, which, target, output, plot, tracking_uri, hom
       mnistjobs compare --job raysubmit_XXXX --format markdown -o results.md
       mnistjobs compare --table summary --format csv -o summary.csv --plot accuracy.png
     """
-    from jobs import report
+    from jobs import report, services
 
     home = home or ".mnistjobs"
     if not tracking_uri:
-        # Embedded default: jobs.services.tracking_uri_for(home) when the service module has
-        # it, else <home>/services.json's "mlflow_uri" (see report.default_tracking_uri).
-        tracking_uri = report.default_tracking_uri(home)
+        tracking_uri = services.tracking_uri_for(home)  # the embedded default's, if recorded
     if not tracking_uri:
         raise UsageFailure(
             f"No MLflow tracking server is known: the state folder {home} has no running "
@@ -643,7 +643,7 @@ def compare(experiment, job, fmt, which, target, output, plot, tracking_uri, hom
             tables["Final test accuracy over seeds"] = groups
         text = report.render_report(tables, fmt)
         if output:
-            report.write_atomic(output, text)
+            report.write_output(output, text)
             click.echo(f"Wrote {output}", err=True)
         else:
             click.echo(text, nl=False)
@@ -724,11 +724,11 @@ def data_cmd(data_dir: str | None, home: str | None) -> None:
     Each problem (missing file, truncated file, wrong magic number, count
     mismatch, bad label) is reported with the file it concerns; exit code 2.
     """
-    from mnistnets.data import DataError, check_mnist, format_check_report, resolve_data_dir
+    from jobs.datadir import check_data
+    from mnistnets.data import DataError, format_check_report
 
     try:
-        folder = resolve_data_dir(data_dir, home=_state_home(home))
-        report = check_mnist(folder)
+        report = check_data(data_dir, home=_state_home(home))
     except DataError as exc:
         raise UsageFailure(str(exc)) from None
     click.echo(format_check_report(report))
@@ -755,8 +755,9 @@ def train_cmd(model_name, schedule, seed, device, checkpoint_dir, resume_from, q
     Prints a progress bar per epoch (`Train Loss=... Accuracy=...`, like the
     seed) and a test line per epoch, writes checkpoints, and ends with a summary.
     """
-    from jobs import services
-    from mnistnets.data import DataError, load_mnist, resolve_data_dir
+    from jobs.state import StateError, ensure_home
+    from jobs.datadir import load_data
+    from mnistnets.data import DataError
     from mnistnets.train import (CheckpointError, check_resumable, fit, prepare_checkpoint_dir, recipe_for,
                                  resolve_device)
 
@@ -781,11 +782,13 @@ def train_cmd(model_name, schedule, seed, device, checkpoint_dir, resume_from, q
                        f"so the run is complete. To train longer, start a new run with more --epochs.")
             return
     try:
-        data = load_mnist(resolve_data_dir(config.data_dir, home=state), config.train_limit, config.test_limit)
+        data = load_data(config.data_dir, home=state, train_limit=config.train_limit, test_limit=config.test_limit)
         if not checkpoint_dir:
-            services.ensure_home(state)  # mode 0700, as `up` makes it
+            ensure_home(state)  # mode 0700, as `up` makes it
         prepare_checkpoint_dir(ckpt)
-    except (DataError, CheckpointError, services.ServiceError) as exc:
+    except CheckpointError as exc:  # mnistnets names the folder; the option to change is ours
+        raise UsageFailure(f"{exc} (--checkpoint-dir)") from None
+    except (DataError, StateError) as exc:
         raise UsageFailure(str(exc)) from None
 
     from tqdm import tqdm

@@ -1,9 +1,19 @@
-"""The sweep spec: models x schedules x seeds, with the settings every trial shares.
+"""The sweep spec: models x schedules x seeds (x any other setting given as a list), with the
+settings every trial shares.
 
 Built from CLI options and/or a YAML file (``--config sweep.yaml``; options given on the
 command line override the file) and validated before anything starts: ``validate()`` raises
-``SpecError`` with one clear paragraph. ``trials()`` expands the grid into named trials, each
-with the ``TrainConfig`` dict that ``mnistnets.train.fit`` runs. A YAML file looks like::
+``SpecError`` with one clear paragraph.
+
+The spec is a grid: ``axes()`` names each axis and its values (``model``, ``schedule``, ``seed``
+and every ``train:`` setting given as a list), ``fixed_settings()`` the plain values every trial
+shares. ``param_space()`` hands both to Tune (each axis a ``tune.grid_search``), and
+``points()`` expands the same axes in a fixed order (model, schedule, seed, then the other
+axes) for the dry run, ``summary()`` and validation; ``trials()`` is ``points()`` named. A
+point is what Tune samples, a trial's ``config``: :func:`jobs.grid.trial_config` builds its
+TrainConfig (``recipe_for``: settings the spec leaves unset come from the model's recipe) and
+:func:`jobs.grid.trial_name` its name (``v2-onecycle-s1``, ``v2-onecycle-s1-lr0.05`` with a list under
+``train:``). A YAML file looks like::
 
     models: [v0, v2]          # or "all", or "v0,v2"
     schedules:                # grid axis: schedule specs (see `mnistjobs train --help`)
@@ -17,17 +27,21 @@ with the ``TrainConfig`` dict that ``mnistnets.train.fit`` runs. A YAML file loo
     gpus_per_trial: 0.25      # null: 0.25 when the cluster has GPUs, else 0
     train:                    # any other TrainConfig setting, for every trial
       weight_decay: 0.0005
+      lr: [0.05, 0.1]         # a list: one more grid axis (trials named ...-lr0.05, ...-lr0.1)
 """
 from __future__ import annotations
 
+import itertools
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-DEFAULT_EXPERIMENT = "mnistjobs"
+from jobs.contract import DEFAULT_EXPERIMENT
+
+from jobs.grid import GRID_AXES, NAMING_KEY, recipe_schedule, trial_config, trial_name
+
 AUTO_GPU_FRACTION = 0.25
 
 
@@ -173,7 +187,7 @@ class SweepSpec:
         """Raise SpecError for anything that would make a trial fail before it trains."""
         from mnistnets import list_models
         from mnistnets.schedules import ScheduleError, parse_schedule
-        from mnistnets.train import OPTIMIZERS, TrainConfig
+        from mnistnets.train import OPTIMIZERS, is_number
 
         valid_models = list_models()
         self.models = split_models(self.models)
@@ -189,6 +203,10 @@ class SweepSpec:
                 parse_schedule(spec)
             except ScheduleError as e:
                 raise SpecError(f"Bad schedule (--schedules): {e}.") from None
+        twice = sorted({s for s in self.schedules if self.schedules.count(s) > 1})
+        if twice:
+            raise SpecError(f"schedules lists {twice[0]!r} twice (--schedules); each schedule runs once per "
+                            f"(model, seed).")
         self._check_int("epochs", 1, "--epochs")
         if self.batch_size is not None:
             self._check_int("batch_size", 1, "--batch-size")
@@ -212,10 +230,10 @@ class SweepSpec:
             raise SpecError(f"augment must be true or false, not {self.augment!r}.")
         if self.gpus_per_trial is not None:
             g = self.gpus_per_trial
-            if not _is_number(g) or not 0 <= g <= 1:
+            if not is_number(g) or not 0 <= g <= 1:
                 raise SpecError(f"--gpus-per-trial must be a fraction of one GPU between 0 and 1 (e.g. "
                                 f"0.25: four trials share a GPU), not {g!r}.")
-        if not _is_number(self.cpus_per_trial) or self.cpus_per_trial <= 0:
+        if not is_number(self.cpus_per_trial) or self.cpus_per_trial <= 0:
             raise SpecError(f"--cpus-per-trial must be a number > 0, not {self.cpus_per_trial!r}.")
         if self.max_concurrent is not None:
             self._check_int("max_concurrent", 0, "--max-concurrent")
@@ -230,19 +248,27 @@ class SweepSpec:
         if clash:
             raise SpecError(f"train: {', '.join(clash)} {'is a sweep setting' if len(clash) == 1 else 'are sweep settings'}; "
                             f"set {'it' if len(clash) == 1 else 'them'} at the top level.")
+        for name, values in self.train.items():
+            if isinstance(values, (list, tuple)) and (not values or len(set(map(repr, values))) != len(values)):
+                raise SpecError(f"train: {name}: a list is a grid axis of distinct values (one trial per value), "
+                                f"not {list(values)!r}.")
+        self._validate_trials()
+        return self
+
+    def _validate_trials(self) -> None:
+        """Every trial's TrainConfig, before anything starts."""
         try:
-            trials = self.trials()
+            configs = [(trial_name(point), trial_config(point)) for point in self.points()]
         except ValueError as e:  # an unknown key under train:
             raise SpecError(f"train: {e}.") from None
-        for name, config in trials:
+        for name, config in configs:
             try:
-                TrainConfig.from_dict(config).validate()
+                config.validate()
             except ValueError as e:
                 raise SpecError(f"Trial {name}: {e}.") from None
-        names = [n for n, _ in trials]
-        if len(set(names)) != len(names):  # pragma: no cover - trials() keeps names unique
+        names = [n for n, _ in configs]
+        if len(set(names)) != len(names):  # pragma: no cover - the axes keep names unique
             raise SpecError("two trials have the same name")
-        return self
 
     def _check_int(self, name: str, minimum: int, option: str) -> None:
         value = getattr(self, name)
@@ -264,7 +290,7 @@ class SweepSpec:
             specs = list(self.schedules)
         else:
             models = split_models(self.models) if model is None else [model]
-            specs = list(dict.fromkeys(self._recipe(m).schedule for m in models))
+            specs = list(dict.fromkeys(recipe_schedule(m) for m in models))
         labels: list[tuple[str, str]] = []
         counts: dict[str, int] = {}
         for spec in specs:
@@ -273,27 +299,54 @@ class SweepSpec:
             labels.append((name if counts[name] == 1 else f"{name}{counts[name]}", spec))
         return labels
 
-    def _recipe(self, model: str, **settings: Any):
-        """``model``'s default recipe with this spec's settings on top (a TrainConfig)."""
-        from mnistnets.train import recipe_for
+    def axes(self) -> dict[str, list]:
+        """The grid: each axis's name and values, in the order trials are listed (model,
+        schedule, seed, then each ``train:`` setting given as a list). With no schedules given,
+        ``schedule`` is no axis: each model runs its recipe's (``fixed_settings``)."""
+        axes: dict[str, list] = {"model": split_models(self.models)}
+        if self.schedules:
+            axes["schedule"] = list(self.schedules)
+        axes["seed"] = [int(seed) for seed in self.seed_list()]
+        axes.update({name: list(values) for name, values in self.train.items() if isinstance(values, (list, tuple))})
+        return axes
 
+    def fixed_settings(self) -> dict[str, Any]:
+        """The plain settings every trial shares (``schedule: None`` is "the model's recipe's")."""
         given = {name: getattr(self, name) for name in ("batch_size", "optimizer", "augment")
                  if getattr(self, name) is not None}
-        return recipe_for(model, **{**self.train, **given, "epochs": self.epochs,
-                                    "train_limit": self.train_limit, "test_limit": self.test_limit,
-                                    "data_dir": self.data_dir, **settings})
+        shared = {name: value for name, value in self.train.items() if not isinstance(value, (list, tuple))}
+        fixed = {**shared, **given, "epochs": self.epochs, "train_limit": self.train_limit,
+                 "test_limit": self.test_limit, "data_dir": self.data_dir}
+        if not self.schedules:
+            fixed["schedule"] = None
+        return fixed
+
+    def _naming(self) -> dict[str, Any]:
+        """What names a point besides its model and seed: the given schedules' labels and the
+        other axes (a plain value of every point, so that a trial's config names it)."""
+        labels = {spec: label for label, spec in self.schedule_labels()} if self.schedules else {}
+        return {"labels": labels, "axes": [name for name in self.axes() if name not in GRID_AXES]}
+
+    def param_space(self, **fixed: Any) -> dict[str, Any]:
+        """Tune's ``param_space``: each axis a ``tune.grid_search``, every fixed setting a plain
+        value; ``fixed`` adds plain values every trial gets (the driver's ``job``). Tune expands
+        the grid in its own order; :meth:`points` lists the same points in the spec's."""
+        from ray import tune
+
+        grid = {name: tune.grid_search(values) for name, values in self.axes().items()}
+        return {**self.fixed_settings(), NAMING_KEY: self._naming(), **grid, **fixed}
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every point of the grid (a trial's config as Tune samples it), in grid order: model,
+        schedule, seed, then the other axes, the last varying fastest."""
+        axes = self.axes()
+        base = {**self.fixed_settings(), NAMING_KEY: self._naming()}
+        return [{**base, **dict(zip(axes, values))} for values in itertools.product(*axes.values())]
 
     def trials(self) -> list[tuple[str, dict[str, Any]]]:
-        """``[(name, TrainConfig dict), ...]`` in grid order (model, schedule, seed); names like
-        ``v2-onecycle-s1`` (the MLflow run names). Settings the spec leaves unset come from each
-        model's default recipe."""
-        out = []
-        for model in split_models(self.models):
-            for label, schedule in self.schedule_labels(model):
-                for seed in self.seed_list():
-                    config = self._recipe(model, schedule=schedule, seed=int(seed)).to_dict()
-                    out.append((f"{model}-{label}-s{seed}", config))
-        return out
+        """``[(name, TrainConfig dict), ...]`` of :meth:`points`; names like ``v2-onecycle-s1``
+        (the MLflow run names). Settings the spec leaves unset come from each model's recipe."""
+        return [(trial_name(point), trial_config(point).to_dict()) for point in self.points()]
 
     def resolved_gpus(self, cluster_gpus: float) -> float:
         if self.gpus_per_trial is not None:
@@ -306,9 +359,11 @@ class SweepSpec:
         seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else (
             f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
             else "seeds " + ",".join(map(str, seeds)))
-        n = len(self.trials())
+        n = len(self.points())
+        others = "".join(f" x {name} {', '.join(map(str, values))}" for name, values in self.axes().items()
+                         if name not in GRID_AXES)
         return (f"{n} trial{'s' if n != 1 else ''}: {', '.join(split_models(self.models))} x "
-                f"{', '.join(label for label, _ in self.schedule_labels())} x {seed_text}, "
+                f"{', '.join(label for label, _ in self.schedule_labels())} x {seed_text}{others}, "
                 f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}")
 
     # ------------------------------------------------------------------ serialisation
@@ -331,10 +386,6 @@ class SweepSpec:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def format_trial_table(spec: SweepSpec, gpus: float | None = None) -> str:

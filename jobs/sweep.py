@@ -1,286 +1,44 @@
-"""The Ray job that runs one sweep: a Tune experiment with one trial per (model, schedule, seed).
+"""The Ray job that runs one sweep: a Tune experiment over the spec's grid, one trial per point.
 
-``mnistjobs submit`` queues ``python -m jobs.sweep --job-id ID`` (the spec as JSON in
-``$MNISTJOBS_SPEC``) through Ray's job submission API; ``mnistjobs resume ID`` queues the same
-with ``--resume``, which restores the Tune experiment (``<storage>/<job id>``) and runs what is
-left: unfinished and errored trials continue from their last checkpoint, finished ones are not
-repeated.
+``mnistjobs submit`` creates the MLflow experiment and queues ``python -m jobs.sweep --job-id ID
+--ray-job-id RID --experiment-id EID`` through Ray's job submission API, with the spec as JSON in
+``$MNISTJOBS_SPEC`` (its one copy in the job), validated again here before anything starts.
+``mnistjobs resume ID`` queues the same with ``--resume``, which restores the Tune experiment
+(``<storage>/<job id>``) and runs what is left: unfinished and errored trials continue from their
+last checkpoint, finished ones are not repeated.
 
-A trial (``train_trial``) loads MNIST once per worker process, runs ``mnistnets.train.fit`` and,
-after every epoch, logs the epoch to its MLflow run and then reports it to Tune with a checkpoint
-(last.pt, best.pt and the MLflow run id). In that order a crash can only leave MLflow one epoch
-ahead of the checkpoint, and the reopened run skips epochs it already has. MLflow being away
-does not stop training (jobs.tracking queues the calls); a retried trial logs the epochs its
-checkpoint has and its run lacks. A corrupt or missing checkpoint falls back to the trial's
-previous one; with none readable the trial fails with a clear error, never a silent restart.
+Tune gets the spec's ``param_space`` (``jobs.spec``: each axis a ``tune.grid_search``, fixed
+settings plain values); a trial (``jobs.trial.train_trial``) builds its TrainConfig from the
+point it is given. The driver: the parent MLflow run (:func:`open_sweep_run`), a resource check,
+the tuner (:func:`build_tuner`), then the runs' final state (:func:`close_trial_runs`).
+
+Stopped on purpose: a trial Tune stops (a stopper, a scheduler's STOP) ends FINISHED, tagged
+``mnistjobs.stopped_early=true`` and ``mnistjobs.stopped_at_epoch=E`` (the epochs it trained
+and logged) when it trained fewer than planned; the job counts it as done, not failed. The trial
+closes its own run when it can (``jobs.trial``); the :class:`Progress` callback makes sure, as
+soon as Tune stops the trial and again when the experiment ends. ``run_sweep(..., stop=...)``
+takes Tune's stop criterion (code and tests; no CLI option sets one).
 
 Tune's storage: the spec's ``storage_path``, else ``$MNISTJOBS_STORAGE_PATH`` (set once per
 cluster), else ``<state folder>/ray_results``; see ``default_storage_path``.
 
-Exit code: 0 when every trial finished, 1 otherwise (so ``submit --wait`` fails too).
+Exit code: 0 when every trial finished (or Tune stopped it on purpose), 1 otherwise (so
+``submit --wait`` fails too), 2 for a bad spec or environment.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
-import posixpath
-import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-STATE_FILE = "mnistjobs_trial.json"  # in every checkpoint: the MLflow run id, the epoch
+from jobs.contract import TAG_TRIAL
+from jobs.trial import stopped_tags, train_trial
+
 STORAGE_VAR = "MNISTJOBS_STORAGE_PATH"  # Tune's storage for every job of a cluster
-
-# Module-level: one copy of MNIST per worker process, shared by the trials that process runs.
-_DATA_CACHE: dict[str, Any] = {}
-
-
-def _load_data(data_dir: str | None):
-    from mnistnets.data import load_mnist, resolve_data_dir
-
-    folder = str(resolve_data_dir(data_dir))
-    if folder not in _DATA_CACHE:
-        _DATA_CACHE[folder] = load_mnist(folder)
-    return _DATA_CACHE[folder]
-
-
-def _node_and_device(device) -> tuple[str, str]:
-    import ray
-
-    try:
-        node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
-    except Exception:  # pragma: no cover - outside Ray
-        import socket
-
-        node = socket.gethostname()
-    label = str(device)
-    if device.type == "cuda":
-        import torch
-
-        label = f"{device.type}:{torch.cuda.get_device_name(device)}"
-    return node, label
-
-
-def _trial_storage(context, checkpoint) -> tuple[Any, str] | None:
-    """(pyarrow filesystem, the trial's folder in Tune's storage: local, NFS or s3://)."""
-    try:
-        storage = context.get_storage()
-        return storage.storage_filesystem, storage.trial_fs_path
-    except Exception:  # noqa: BLE001 - outside a Tune session, or another Ray: the checkpoint's folder
-        if checkpoint is None:
-            return None
-        return checkpoint.filesystem, posixpath.dirname(str(checkpoint.path).rstrip("/"))
-
-
-def _checkpoints(checkpoint, storage: tuple[Any, str] | None) -> list:
-    """Every checkpoint of the trial, the most advanced first: Tune's own (``checkpoint``) and
-    the checkpoint_NNNNNN folders beside it, ranked by the epoch their state file names.
-
-    A trial's checkpoints are interchangeable (training is deterministic), so the newest readable
-    one is the right start even when Tune's experiment snapshot, written every few seconds by a
-    driver that was then killed, names an older one or none."""
-    import pyarrow.fs as pafs
-    from ray import tune
-
-    found = {}
-    if checkpoint is not None:
-        found[str(checkpoint.path).rstrip("/")] = checkpoint
-    if storage is not None:
-        fs, folder = storage
-        try:
-            for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
-                if info.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint_\d+", info.base_name):
-                    found.setdefault(info.path.rstrip("/"), tune.Checkpoint(info.path, filesystem=fs))
-        except Exception:  # noqa: BLE001 - no listing: Tune's checkpoint only
-            pass
-
-    def rank(candidate) -> tuple[int, str]:
-        try:
-            with candidate.filesystem.open_input_stream(posixpath.join(str(candidate.path), STATE_FILE)) as f:
-                epoch = int(json.loads(f.read()).get("epoch", -1))
-        except Exception:  # noqa: BLE001 - unreadable or gone: tried last
-            epoch = -1
-        return epoch, posixpath.basename(str(candidate.path).rstrip("/"))
-
-    return sorted(found.values(), key=rank, reverse=True)
-
-
-def _restore(checkpoint, work: Path, name: str,
-             storage: tuple[Any, str] | None = None) -> tuple[Path | None, dict[str, Any] | None, str | None]:
-    """Copy the trial's newest readable checkpoint into ``work``: (last.pt, its state, the MLflow
-    run id), or (None, None, None) when the trial has none (a fresh start). A corrupt or missing
-    last.pt falls back to the previous checkpoint; with checkpoints but none readable,
-    CheckpointError: a trial never starts again from epoch 1 behind the user's back."""
-    from mnistnets.train import CheckpointError, load_checkpoint
-
-    if storage is None and checkpoint is not None:
-        storage = (checkpoint.filesystem, posixpath.dirname(str(checkpoint.path).rstrip("/")))
-    candidates = _checkpoints(checkpoint, storage)
-    if not candidates:
-        return None, None, None
-    problems = []
-    for candidate in candidates:
-        staging = Path(tempfile.mkdtemp(prefix="restore-", dir=work))
-        try:
-            with candidate.as_directory() as d:
-                for fname in ("last.pt", "best.pt", STATE_FILE):
-                    if (Path(d) / fname).is_file():
-                        shutil.copy2(Path(d) / fname, staging / fname)
-            state = load_checkpoint(staging / "last.pt")
-        except Exception as e:  # noqa: BLE001 - CheckpointError, or a checkpoint folder that is gone
-            reason = " ".join(str(e).replace(str(staging / "last.pt"), f"{candidate.path}/last.pt").split())
-            reason = reason if len(reason) <= 200 else reason[:197] + "..."
-            problems.append(reason if str(candidate.path) in reason else f"{candidate.path}: {reason}")
-            shutil.rmtree(staging, ignore_errors=True)
-            continue
-        for fname in ("last.pt", "best.pt", STATE_FILE):
-            if (staging / fname).is_file():
-                os.replace(staging / fname, work / fname)
-        shutil.rmtree(staging, ignore_errors=True)
-        run_id = None
-        try:
-            run_id = json.loads((work / STATE_FILE).read_text()).get("run_id")
-        except (OSError, ValueError, AttributeError):
-            pass  # the run is found by its trial tag
-        if problems:
-            print(f"[{name}] checkpoint unusable, fell back to an older one: {'; '.join(problems)}", flush=True)
-        print(f"[{name}] resuming after epoch {state['epoch']} from {candidate.path}"
-              + (" (the epochs after it are trained again and not logged twice)" if problems else ""), flush=True)
-        return work / "last.pt", state, run_id
-    raise CheckpointError(
-        f"Trial {name} cannot resume: no checkpoint of it is readable ({'; '.join(problems)}). It is not "
-        f"started again from epoch 1 (its MLflow run keeps the epochs it logged). Restore the checkpoint "
-        f"files in Tune's storage and `mnistjobs resume` the job, or submit the trial as a new job.")
-
-
-def _limit_threads() -> None:
-    """As many torch threads as the trial has CPUs: trials sharing a node must not oversubscribe it
-    (Ray's OMP_NUM_THREADS does not reach a torch imported before it was set)."""
-    import ray
-    import torch
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
-    torch.set_num_threads(max(1, int(cpus)))
-
-
-def train_trial(config: dict[str, Any]) -> None:
-    """Tune's function trainable: one trial, resumable from its Tune checkpoint."""
-    from ray import tune
-
-    from jobs import tracking
-    from mnistnets.data import DataError
-    from mnistnets.models import count_parameters
-    from mnistnets.summary import format_table
-    from mnistnets.train import TrainConfig, build_model, fit, load_checkpoint, resolve_device
-
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # no line per checkpoint
-    _limit_threads()
-    tracking.fail_fast_requests()  # TrialRun retries; MLflow's own retries would stall training
-    trial, job = config["trial"], config["job"]
-    cfg = TrainConfig.from_dict(dict(trial["train"]))
-    context = tune.get_context()
-    trial_id = context.get_trial_id()
-    # fit()'s checkpoint folder, in the trial's local folder (under Ray's session dir, so a killed
-    # trial leaves nothing in /tmp itself); what persists is what Tune copies to its storage.
-    try:
-        local = Path(context.get_trial_dir())
-    except Exception:  # pragma: no cover - outside a Tune session
-        local = Path(tempfile.gettempdir())
-    local.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="mnistjobs-work-", dir=local))
-    try:
-        checkpoint = tune.get_checkpoint()
-        resume_from, resumed, run_id = _restore(checkpoint, work, trial["name"], _trial_storage(context, checkpoint))
-        mlf = tracking.client(job["tracking_uri"])
-        if resumed is not None and resumed["epoch"] >= cfg.epochs and tracking.run_finished(mlf, run_id):
-            # Trained and logged to the end before a driver died: Tune's snapshot did not know.
-            print(f"[{trial['name']}] finished already (epoch {resumed['epoch']}/{cfg.epochs}, MLflow run "
-                  f"FINISHED): nothing to repeat", flush=True)
-            return
-
-        run = tracking.TrialRun.open(mlf, experiment_id=job["experiment_id"],
-                                     parent_run_id=job["parent_run_id"], job_id=job["job_id"],
-                                     trial_id=trial_id, name=trial["name"], run_id=run_id)
-        device = resolve_device(cfg.device)
-        node, device_label = _node_and_device(device)
-        run.set_tags({tracking.TAG_NODE: node, tracking.TAG_DEVICE: device_label})
-        model = build_model(cfg)
-        run.log_params(cfg.to_dict(), params=count_parameters(model), device=device.type)
-        run.log_text(format_table(model), "model/layers.txt")
-        del model
-        if resumed is not None:  # epochs the checkpoint has and the run lacks (MLflow was away)
-            for past in resumed.get("history", []):
-                run.log_epoch(past)
-
-        try:
-            data = _load_data(cfg.data_dir)
-        except DataError as e:
-            raise DataError(f"On Ray node {node}: {e} A data folder is read on the node that runs the "
-                            f"trial: with --address, give --data-dir (MNISTJOBS_DATA_DIR) as a path on the "
-                            f"cluster's nodes, not on the machine you submit from.") from None
-        for result in fit(cfg, data=data, checkpoint_dir=work, resume_from=resume_from):
-            run.log_epoch(result)
-            (work / STATE_FILE).write_text(json.dumps({"run_id": run.run_id, "epoch": result["epoch"],
-                                                       "trial_id": trial_id}))
-            metrics = {k: v for k, v in result.items() if k != "checkpoint"}
-            metrics["best"] = bool(metrics.get("best"))
-            with tempfile.TemporaryDirectory(prefix="mnistjobs-ckpt-", dir=local) as tmp:
-                for name in ("last.pt", "best.pt", STATE_FILE):
-                    if (work / name).is_file():
-                        shutil.copy2(work / name, Path(tmp) / name)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-        history = load_checkpoint(work / "last.pt").get("history") if (work / "last.pt").is_file() else None
-        run.log_final_artifacts(work, history=history)
-        run.finish("FINISHED")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _trial_dirname(trial) -> str:
-    return f"{trial.config['trial']['name']}_{trial.trial_id}"
-
-
-def _progress_callback(n_trials: int):
-    from ray import tune
-
-    class Progress(tune.Callback):
-        """One line per epoch and per trial event: the job's log, followed by `submit --wait`."""
-
-        def __init__(self) -> None:
-            self.done = 0
-
-        @staticmethod
-        def _name(trial) -> str:
-            return trial.config.get("trial", {}).get("name", str(trial))
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            epochs = trial.config.get("trial", {}).get("train", {}).get("epochs", "?")
-            print(f"[{self._name(trial)}] epoch {result.get('epoch')}/{epochs}  "
-                  f"train {result.get('train_acc', float('nan')):.2f}%  "
-                  f"test {result.get('test_acc', float('nan')):.2f}%  "
-                  f"test loss {result.get('test_loss', float('nan')):.4f}  "
-                  f"lr {result.get('lr', float('nan')):.4g}  {result.get('epoch_seconds', 0):.1f}s", flush=True)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
-            print(f"[{self._name(trial)}] finished ({self.done}/{n_trials} trials done)", flush=True)
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            print(f"[{self._name(trial)}] failed; retrying from its last checkpoint", flush=True)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
-            print(f"[{self._name(trial)}] FAILED for good ({self.done}/{n_trials} trials done); "
-                  f"see its error in the Ray dashboard or the job log", flush=True)
-
-    return Progress()
 
 
 def default_storage_path() -> str:
@@ -297,13 +55,9 @@ def default_storage_path() -> str:
     value = os.environ.get(STORAGE_VAR, "").strip()
     if value:
         return value
-    from jobs.services import resolve_home
+    from jobs.state import resolve_home
 
     return str(resolve_home() / "ray_results")
-
-
-def _or_recipe(value):
-    return "per model recipe" if value is None else value
 
 
 def resolve_storage(storage_path: str | None = None) -> str:
@@ -318,56 +72,113 @@ def resolve_storage(storage_path: str | None = None) -> str:
     return str(path)
 
 
-def run_sweep(spec, job_id: str, *, resume: bool = False, ray_job_id: str | None = None) -> int:
-    """Run (or resume) the sweep on the Ray cluster this process belongs to; return the exit code."""
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables; our callback prints
-    # Snapshot the experiment state every 2 s (Tune's "auto": >= 10 s): a killed driver then
-    # leaves a state that `resume` trusts, with finished trials finished and recent checkpoints.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    import ray
+def _trial_dirname(trial) -> str:
+    from jobs.grid import trial_name
+
+    return f"{trial_name(trial.config)}_{trial.trial_id}"
+
+
+def close_stopped_run(mlf, run_id: str, epoch: int | None, planned: int) -> None:
+    """End the run of a trial that Tune stopped after ``epoch`` of ``planned`` epochs: FINISHED,
+    with ``stopped_early``/``stopped_at_epoch`` when it trained fewer epochs than planned."""
+    for key, value in stopped_tags(epoch, planned).items():
+        mlf.set_tag(run_id, key, value)
+    mlf.set_terminated(run_id, "FINISHED")
+
+
+def _progress_callback(n_trials: int, tracking_uri: str, job_id: str, experiment_id: str):
     from ray import tune
 
     from jobs import tracking
-    from mnistnets.data import DataError, load_mnist, resolve_data_dir
+    from jobs.grid import trial_config, trial_name
 
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not tracking_uri:
-        print("MLFLOW_TRACKING_URI is not set for this job; `mnistjobs submit` sets it.", file=sys.stderr)
-        return 2
-    storage = resolve_storage(spec.storage_path)
-    experiment_path = f"{storage}/{job_id}"
+    class Progress(tune.Callback):
+        """One line per epoch and per trial event (the job's log, followed by `submit --wait`),
+        and the MLflow run of every trial Tune stopped on purpose closed. Pickled with the tuner
+        (Tuner.restore brings it back), so it holds names, not clients."""
 
-    mlf = tracking.client(tracking_uri)
+        def __init__(self) -> None:
+            self.done = 0
+
+        @staticmethod
+        def _name(trial) -> str:
+            try:
+                return trial_name(trial.config)
+            except Exception:  # noqa: BLE001 - a config that is no point of a grid
+                return str(trial)
+
+        @staticmethod
+        def _epochs(trial) -> tuple[int | None, int]:
+            """(the last epoch it reported, the epochs it plans)."""
+            return (trial.last_result or {}).get("epoch"), trial_config(trial.config).epochs
+
+        def _close(self, trials) -> None:
+            """Close the still-RUNNING runs of ``trials`` (ended by Tune without error)."""
+            wanted = {t.trial_id: t for t in trials}
+            try:
+                mlf = tracking.client(tracking_uri)
+                for run in tracking.job_runs(mlf, job_id, role="trial", experiment_ids=[experiment_id]):
+                    trial = wanted.get(run.data.tags.get(TAG_TRIAL))
+                    if trial is not None and run.info.status == "RUNNING":
+                        close_stopped_run(mlf, run.info.run_id, *self._epochs(trial))
+            except Exception as e:  # noqa: BLE001 - never break Tune's loop; run_sweep checks again
+                print(f"  note: could not close the MLflow run of a stopped trial: {' '.join(str(e).split())[:200]}",
+                      flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            print(f"[{self._name(trial)}] epoch {result.get('epoch')}/{self._epochs(trial)[1]}  "
+                  f"train {result.get('train_acc', float('nan')):.2f}%  "
+                  f"test {result.get('test_acc', float('nan')):.2f}%  "
+                  f"test loss {result.get('test_loss', float('nan')):.4f}  "
+                  f"lr {result.get('lr', float('nan')):.4g}  {result.get('epoch_seconds', 0):.1f}s", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            epoch, planned = self._epochs(trial)
+            if epoch is not None and epoch < planned:  # a stopper's or a scheduler's decision
+                print(f"[{self._name(trial)}] stopped by Tune after epoch {epoch}/{planned} ({self.done}/{n_trials} "
+                      f"trials done)", flush=True)
+                self._close([trial])
+            else:
+                print(f"[{self._name(trial)}] finished ({self.done}/{n_trials} trials done)", flush=True)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"[{self._name(trial)}] failed; retrying from its last checkpoint", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            print(f"[{self._name(trial)}] FAILED for good ({self.done}/{n_trials} trials done); "
+                  f"see its error in the Ray dashboard or the job log", flush=True)
+
+        def on_experiment_end(self, trials, **info):
+            # Trials ended by Tune without error whose run is still RUNNING: stopped inside
+            # tune.report (also at their last epoch, or all at once by a stopper's stop_all).
+            self._close([t for t in trials if t.status == "TERMINATED"])
+
+    return Progress()
+
+
+def _or_recipe(value):
+    return "per model recipe" if value is None else value
+
+
+def open_sweep_run(mlf, spec, job_id: str, experiment_id: str, ray_job_id: str | None):
+    """The job's parent run (found again on resume) with the sweep's params and the spec."""
+    from jobs import tracking
+
     params = {"models": spec.models, "schedules": ";".join(s for _, s in spec.schedule_labels()),
-              "seeds": spec.seed_list(), "trials": len(spec.trials()), "epochs": spec.epochs,
+              "seeds": spec.seed_list(), "trials": len(spec.points()), "epochs": spec.epochs,
               "batch_size": _or_recipe(spec.batch_size), "optimizer": _or_recipe(spec.optimizer),
               "augment": _or_recipe(spec.augment),
               "train_limit": spec.train_limit, "test_limit": spec.test_limit,
               "gpus_per_trial": spec.gpus_per_trial, "cpus_per_trial": spec.cpus_per_trial,
               "max_failures": spec.max_failures}
-    sweep_run = tracking.SweepRun.open(mlf, spec.experiment, job_id, spec.to_dict(), params=params,
-                                       ray_job_id=ray_job_id)
-    print(f"mnistjobs sweep {job_id}: {spec.summary()}", flush=True)
-    print(f"  MLflow: {tracking.run_url(tracking_uri, sweep_run.experiment_id, sweep_run.run_id)}", flush=True)
-    print(f"  Tune storage: {experiment_path}", flush=True)
+    return tracking.SweepRun.open(mlf, experiment_id, job_id, spec.to_dict(), params=params, ray_job_id=ray_job_id)
 
-    def on_sigterm(signum, frame):  # `mnistjobs cancel` / `ray job stop`: no run stays RUNNING
-        try:
-            n = tracking.end_job_runs(mlf, job_id, "KILLED", experiment_ids=[sweep_run.experiment_id])
-            print(f"mnistjobs sweep {job_id}: stopped; {n} MLflow run(s) marked KILLED", flush=True)
-        finally:
-            os._exit(128 + signum)
 
-    ray.init(log_to_driver=True, logging_level="WARNING")
-    signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init(), which installs its own
-
-    try:
-        load_mnist(resolve_data_dir(spec.data_dir), train_limit=1, test_limit=1)
-    except DataError as e:
-        print(f"mnistjobs sweep {job_id}: {e}", file=sys.stderr, flush=True)
-        sweep_run.finish("FAILED")
-        return 1
+def check_resources(spec) -> float:
+    """The GPUs per trial; a note when a trial asks for more than the cluster has now."""
+    import ray
 
     resources = ray.cluster_resources()
     gpus = spec.resolved_gpus(resources.get("GPU", 0))
@@ -376,37 +187,102 @@ def run_sweep(spec, job_id: str, *, resume: bool = False, ray_job_id: str | None
             print(f"  note: each trial asks for {need:g} {what} but the cluster has {have:g} now; the trials "
                   f"wait until a node with enough {what}s joins", flush=True)
     print(f"  resources per trial: {spec.cpus_per_trial:g} CPU, {gpus:g} GPU", flush=True)
-    trials = spec.trials()
+    return gpus
+
+
+def build_tuner(spec, job: dict[str, Any], storage: str, gpus: float, *, resume: bool = False, stop=None):
+    """The Tune experiment ``<storage>/<job id>``: restored when ``resume`` finds it, else new,
+    over ``spec.param_space(job=job)``; ``stop`` is Tune's stop criterion (None: none)."""
+    from ray import tune
+
+    experiment_path = f"{storage}/{job['job_id']}"
     trainable = tune.with_resources(train_trial, {"cpu": float(spec.cpus_per_trial), "gpu": gpus})
     if resume and tune.Tuner.can_restore(experiment_path):
         print(f"  resuming the Tune experiment in {experiment_path}", flush=True)
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False)
-    else:
-        if resume:
-            print(f"  nothing to restore in {experiment_path}; starting the sweep afresh", flush=True)
-        job = {"job_id": job_id, "experiment_id": sweep_run.experiment_id,
-               "parent_run_id": sweep_run.run_id, "tracking_uri": tracking_uri}
-        param_space = {"job": job, "trial": tune.grid_search([{"name": n, "train": c} for n, c in trials])}
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent or None, reuse_actors=True,
-                                        trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(
-                name=job_id, storage_path=storage, verbose=0,
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                # Every epoch's checkpoint is kept (a few hundred KB each): with num_to_keep, a
-                # driver killed between snapshots leaves Tune deleting checkpoints twice on resume.
-                callbacks=[_progress_callback(len(trials))]))
-    start = time.perf_counter()
-    results = tuner.fit()
-    errors = results.num_errors
-    # Trials that finished closed their runs; any still RUNNING failed for good.
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True, restart_errored=False)
+    if resume:
+        print(f"  nothing to restore in {experiment_path}; starting the sweep afresh", flush=True)
+    progress = _progress_callback(len(spec.points()), job["tracking_uri"], job["job_id"], job["experiment_id"])
+    return tune.Tuner(
+        trainable, param_space=spec.param_space(job=job),
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent or None, reuse_actors=True,
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name=job["job_id"], storage_path=storage, verbose=0, stop=stop,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            # Every epoch's checkpoint is kept (a few hundred KB each): with num_to_keep, a
+            # driver killed between snapshots leaves Tune deleting checkpoints twice on resume.
+            callbacks=[progress]))
+
+
+def close_trial_runs(mlf, job_id: str, experiment_id: str) -> int:
+    """After Tune: trials that finished (or were stopped on purpose) closed their runs; any still
+    RUNNING failed for good and is marked FAILED. Returns how many."""
+    from jobs import tracking
+
     failed = 0
-    for run in tracking.job_runs(mlf, job_id, role="trial", experiment_ids=[sweep_run.experiment_id]):
+    for run in tracking.job_runs(mlf, job_id, role="trial", experiment_ids=[experiment_id]):
         if run.info.status == "RUNNING":
             mlf.set_terminated(run.info.run_id, "FAILED")
             failed += 1
+    return failed
+
+
+def _tune_environment() -> None:
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables; our callback prints
+    # Snapshot the experiment state every 2 s (Tune's "auto": >= 10 s): a killed driver then
+    # leaves a state that `resume` trusts, with finished trials finished and recent checkpoints.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+
+
+def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ray_job_id: str | None = None,
+              stop=None) -> int:
+    """Run (or resume) the sweep on the Ray cluster this process belongs to, in the MLflow
+    experiment ``experiment_id`` (created by the job client); return the exit code. ``stop``:
+    Tune's stop criterion (``RunConfig(stop=...)``: a dict, a Stopper or a function)."""
+    _tune_environment()
+    import ray
+
+    from jobs import tracking
+    from jobs.datadir import load_data
+    from mnistnets.data import DataError
+
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        print("MLFLOW_TRACKING_URI is not set for this job; `mnistjobs submit` sets it.", file=sys.stderr)
+        return 2
+    storage = resolve_storage(spec.storage_path)
+    mlf = tracking.client(tracking_uri)
+    sweep_run = open_sweep_run(mlf, spec, job_id, experiment_id, ray_job_id)
+    print(f"mnistjobs sweep {job_id}: {spec.summary()}", flush=True)
+    print(f"  MLflow: {tracking.run_url(tracking_uri, experiment_id, sweep_run.run_id)}", flush=True)
+    print(f"  Tune storage: {storage}/{job_id}", flush=True)
+
+    def on_sigterm(signum, frame):  # `mnistjobs cancel` / `ray job stop`: no run stays RUNNING
+        try:
+            n = tracking.end_job_runs(mlf, job_id, "KILLED", experiment_ids=[experiment_id])
+            print(f"mnistjobs sweep {job_id}: stopped; {n} MLflow run(s) marked KILLED", flush=True)
+        finally:
+            os._exit(128 + signum)
+
+    ray.init(log_to_driver=True, logging_level="WARNING")
+    signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init(), which installs its own
+
+    try:
+        load_data(spec.data_dir, train_limit=1, test_limit=1)
+    except DataError as e:
+        print(f"mnistjobs sweep {job_id}: {e}", file=sys.stderr, flush=True)
+        sweep_run.finish("FAILED")
+        return 1
+    job = {"job_id": job_id, "experiment_id": experiment_id, "parent_run_id": sweep_run.run_id,
+           "tracking_uri": tracking_uri}
+    tuner = build_tuner(spec, job, storage, check_resources(spec), resume=resume, stop=stop)
+    start = time.perf_counter()
+    results = tuner.fit()
+    errors = results.num_errors
+    failed = close_trial_runs(mlf, job_id, experiment_id)
     ok = errors == 0 and failed == 0
     sweep_run.finish("FINISHED" if ok else "FAILED")
     print(f"mnistjobs sweep {job_id}: {len(results)} trial{'s' if len(results) != 1 else ''}, {errors} failed, "
@@ -417,6 +293,8 @@ def run_sweep(spec, job_id: str, *, resume: bool = False, ray_job_id: str | None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--job-id", required=True, help="the mnistjobs job id (names the Tune experiment)")
+    parser.add_argument("--experiment-id", required=True,
+                        help="the MLflow experiment's id (`mnistjobs submit` creates the experiment)")
     parser.add_argument("--spec", default=os.environ.get("MNISTJOBS_SPEC"),
                         help="the sweep spec as JSON, or @FILE holding it  [default: $MNISTJOBS_SPEC, "
                              "which `mnistjobs submit` sets]")
@@ -434,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"bad sweep spec: {e}", file=sys.stderr)
         return 2
-    return run_sweep(spec, args.job_id, resume=args.resume, ray_job_id=args.ray_job_id)
+    return run_sweep(spec, args.job_id, experiment_id=args.experiment_id, resume=args.resume,
+                     ray_job_id=args.ray_job_id)
 
 
 if __name__ == "__main__":

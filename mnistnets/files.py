@@ -1,8 +1,9 @@
 """One way to write a file atomically: a temporary file in the same folder, then a rename.
 
 A crash mid-write never leaves a half-written file: readers see the old file or the new one.
-Used for checkpoints (``mnistnets.train``), report outputs and plots (``jobs.report``), and the
-state folder's record and token (``jobs.state``, ``jobs.services``).
+Used for checkpoints (``mnistnets.checkpoints``), IDX files (``mnistnets.data.idx``), report
+outputs and plots (``jobs.report``), and the state folder's record and token (``jobs.state``,
+``jobs.services``).
 """
 from __future__ import annotations
 

@@ -70,7 +70,9 @@ def _onecycle_pct_start(pct_start: float, total_steps: int, three_phase: bool) -
                     float(total_steps - 1)]
         return [0.0, float(pct * total_steps) - 1, float(total_steps - 1)]
 
-    for _ in range(64):  # one nudge is always enough (see the tests); the bound is a safeguard
+    # One nudge is not always enough: 3 * nextafter(1/3) still rounds to 1.0, so pct_start=1/3
+    # over 3 steps takes two (see the tests); the bound is a safeguard.
+    for _ in range(64):
         points = ends(pct_start)
         if all(a != b for a, b in zip(points, points[1:])):
             break
@@ -152,14 +154,6 @@ def list_schedules() -> list[str]:
     return list(SCHEDULES)
 
 
-def describe_schedules() -> str:
-    lines = []
-    for name, kind in SCHEDULES.items():
-        keys = ", ".join(list(kind.keys) + list(COMMON_KEYS)) or "-"
-        lines.append(f"  {name:<12} {kind.help} (keys: {keys})")
-    return "\n".join(lines)
-
-
 def _convert(name: str, key: str, raw: str, typ: type,
              valid: tuple[Callable[[Any], bool], str] | None = None) -> Any:
     try:
@@ -231,10 +225,6 @@ def parse_schedule(spec: str) -> tuple[str, dict[str, Any]]:
             raise ScheduleError(f"schedule {name!r}: with three_phase, pct_start must be "
                                 f"between 0 and 0.5 (exclusive), not {pct_start}")
     return name, options
-
-
-def schedule_name(spec: str) -> str:
-    return parse_schedule(spec)[0]
 
 
 class Scheduler:

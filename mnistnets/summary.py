@@ -43,9 +43,6 @@ _DASHES = "-" * 64
 _EQUALS = "=" * 64
 _ROW = "{:>20}  {:>25} {:>15}"
 
-InputSize = Tuple[int, ...]
-
-
 @dataclass(frozen=True)
 class LayerRow:
     """One row of the layer table.

@@ -3,37 +3,47 @@
 Training knows nothing of who listens: the CLI's progress bar, Ray Tune and
 MLflow are listeners in ``jobs``. Randomness is a function of (seed, epoch):
 the model's initialisation comes from the seed, and every epoch reseeds the
-loader (order, augmentation) and the global RNG (dropout) from (seed, epoch),
-so a run resumed from the checkpoint of epoch k ends with the same weights as
-an uninterrupted one.
+loader (order, augmentation) and the global RNG (dropout) from (seed, epoch)
+(``mnistnets.seeds``), so a run resumed from the checkpoint of epoch k ends
+with the same weights as an uninterrupted one.
+
+Checkpoints are in ``mnistnets.checkpoints``, scoring (EMA, TTA) in
+``mnistnets.evaluate``; their names are importable from here too.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from .data import MNIST, MNIST_MEAN, MNIST_STD, AugmentConfig, DeviceLoader, load_mnist, resolve_data_dir
+from .checkpoints import (CHECKPOINT_VERSION, CheckpointError, check_resumable, load_checkpoint,
+                          prepare_checkpoint_dir, save_checkpoint)
+from .data import MNIST, AugmentConfig, DeviceLoader, load_mnist
+from .evaluate import TTA_VIEWS, WeightEMA, evaluate, evaluate_tta, shift_images
 from .models import create_model, list_models
-from .schedules import build_scheduler, check_schedule
+from .schedules import Scheduler, build_scheduler, check_schedule
+from .seeds import dropout_seed
+
+__all__ = [
+    "OPTIMIZERS", "TTA_VIEWS", "CHECKPOINT_VERSION", "MODEL_RECIPES", "TrainConfig", "recipe_for",
+    "settings_text", "is_number", "resolve_device", "build_optimizer", "build_model", "fit",
+    "WeightEMA", "evaluate", "evaluate_tta", "shift_images", "CheckpointError", "save_checkpoint",
+    "load_checkpoint", "prepare_checkpoint_dir", "check_resumable",
+]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-#: Test-time augmentation: the test image plus its one-pixel shifts (background fill); the
-#: prediction is the mean of the views' probabilities. "shift4": left/right/up/down, "shift8": and
-#: the four diagonals.
-TTA_VIEWS = {"none": ((0, 0),),
-             "shift4": ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0)),
-             "shift8": ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))}
-CHECKPOINT_VERSION = 1
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (int or float), not a bool: the one such check of mnistnets and jobs."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -97,7 +107,7 @@ class TrainConfig:
                 or not 0 <= self.clean_epochs <= self.epochs:
             raise ValueError(f"clean_epochs must be an integer from 0 to epochs ({self.epochs}), "
                              f"not {self.clean_epochs!r}")
-        if not _is_number(self.ema) or not 0 <= self.ema < 1:
+        if not is_number(self.ema) or not 0 <= self.ema < 1:
             raise ValueError(f"ema must be a decay in [0, 1) (0: off; e.g. 0.999), not {self.ema!r}")
         if self.tta not in TTA_VIEWS:
             raise ValueError(f"unknown tta {self.tta!r}; valid: {', '.join(TTA_VIEWS)}")
@@ -110,13 +120,13 @@ class TrainConfig:
         for name in ("lr", "momentum", "weight_decay", "label_smoothing", "rotation",
                      "translate", "scale", "shear"):
             value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, not {self.lr!r}")
         if self.label_smoothing >= 1:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing!r}")
-        if self.dropout is not None and (not _is_number(self.dropout) or not 0 <= self.dropout < 1):
+        if self.dropout is not None and (not is_number(self.dropout) or not 0 <= self.dropout < 1):
             raise ValueError(f"dropout must be a number in [0, 1), not {self.dropout!r}")
         for name in ("nesterov", "augment"):
             if not isinstance(getattr(self, name), bool):
@@ -139,10 +149,6 @@ class TrainConfig:
         n_train = min(self.train_limit or 60_000, 60_000)
         _check_schedule(self.schedule, float(self.lr), self.epochs, math.ceil(n_train / self.batch_size))
         return self
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @functools.lru_cache(maxsize=256)
@@ -172,7 +178,7 @@ def recipe_for(model: str, **settings: Any) -> TrainConfig:
     """The default recipe of ``model`` (TrainConfig's defaults, then ``MODEL_RECIPES[model]``), with
     ``settings`` given explicitly on top. Unknown settings raise ValueError; values are not validated.
 
-    A recipe's ``clean_epochs`` is capped at the run's epochs (``--epochs 1`` trains v2 one clean
+    A recipe's ``clean_epochs`` is capped at the run's epochs (``epochs=1`` trains v2 one clean
     epoch instead of failing); an explicit ``clean_epochs`` is left for ``validate`` to judge."""
     recipe = dict(MODEL_RECIPES.get(model, {}))
     epochs = settings.get("epochs", recipe.get("epochs", TrainConfig.epochs))
@@ -204,232 +210,64 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
     return create_model(config.model, **options)
 
 
-class WeightEMA:
-    """Exponential moving average of a model's weights, updated after every optimizer step.
-
-    The average starts as a copy of the model; step t uses decay ``min(decay, (1 + t) / (10 + t))``
-    so that early steps are not dominated by the random initialisation. Float buffers (BatchNorm's
-    running statistics) are averaged too; integer ones are copied.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = float(decay)
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.updates = 0
-        self._pairs(model)
-
-    def _pairs(self, model: torch.nn.Module) -> None:
-        live = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
-        avg = list(self.model.parameters()) + [b for b in self.model.buffers() if b.is_floating_point()]
-        self._live, self._avg = live, avg
-        self._live_int = [b for b in model.buffers() if not b.is_floating_point()]
-        self._avg_int = [b for b in self.model.buffers() if not b.is_floating_point()]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self._avg, self._live, 1.0 - d)
-        for a, b in zip(self._avg_int, self._live_int):
-            a.copy_(b)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.updates = int(state["updates"])
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
-
-
-# --- checkpoints -------------------------------------------------------------
-
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write never leaves a half checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read (missing, truncated, not ours) or a folder that cannot
-    hold checkpoints."""
-
-
-#: What every checkpoint holds (``fit`` writes more: history, rng, and with EMA the live weights).
-_CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "best_test_acc")
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a corrupt file
-        reason = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"checkpoint {path} cannot be read: it is truncated, corrupt or not a "
-                              f"PyTorch checkpoint ({type(exc).__name__}: {reason})") from None
-    missing = [k for k in _CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(_CHECKPOINT_KEYS)
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or missing:
-        raise CheckpointError(f"{path} is not a mnistjobs checkpoint (version {CHECKPOINT_VERSION}, "
-                              f"as `mnistjobs train` writes to last.pt and best.pt)")
-    return state
-
-
-def prepare_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and check that checkpoints can be written there; raise
-    CheckpointError saying why not (before any training, not after the first epoch)."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoints to {path} ({exc.strerror or exc}); choose a "
-                              f"folder you can write (--checkpoint-dir)") from None
-    return path
-
-
-def check_resumable(config: "TrainConfig", path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint at ``path``, after checking that ``config`` may continue it (CheckpointError)."""
-    state = load_checkpoint(path)
-    _check_resumable(state["config"], config, path)
-    return state
-
-
-# --- training ----------------------------------------------------------------
-
-def _limit(data: MNIST, config: TrainConfig) -> MNIST:
-    def cut(x, n):
-        return x if n is None else x[:n]
-    return MNIST(cut(data.train_images, config.train_limit), cut(data.train_labels, config.train_limit),
-                 cut(data.test_images, config.test_limit), cut(data.test_labels, config.test_limit))
-
-
-@torch.no_grad()
-def _score(model: torch.nn.Module, loader: DeviceLoader,
-           log_probs: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
-    """(mean NLL per sample, accuracy in percent) of the predictions ``log_probs(x)`` over ``loader``;
-    one host sync at the end."""
-    model.eval()
-    loss_sum = correct = None
-    n = 0
-    for x, y in loader:
-        out = log_probs(x)
-        batch_loss = F.nll_loss(out, y, reduction="sum")
-        batch_correct = (out.argmax(1) == y).sum()
-        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-        correct = batch_correct if correct is None else correct + batch_correct
-        n += y.numel()
-    if n == 0:
-        return float("nan"), float("nan")
-    return loss_sum.item() / n, 100.0 * correct.item() / n
-
-
-def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float]:
-    """Return (mean NLL per sample, accuracy in percent)."""
-    return _score(model, loader, model)
-
-
-def shift_images(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
-    """``x`` [B,C,H,W] moved by (dy, dx) pixels; uncovered pixels get ``fill``."""
-    if dy == 0 and dx == 0:
-        return x
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), value=fill)
-    top, left = max(-dy, 0), max(-dx, 0)
-    return padded[..., top:top + h, left:left + w]
-
-
-def evaluate_tta(model: torch.nn.Module, loader: DeviceLoader, tta: str) -> tuple[float, float]:
-    """Like ``evaluate``, predicting from the mean probability over the ``TTA_VIEWS[tta]`` views."""
-    fill = -MNIST_MEAN / MNIST_STD  # a blank (0) pixel after normalisation
-
-    def log_probs(x: torch.Tensor) -> torch.Tensor:
-        prob = torch.stack([model(shift_images(x, dy, dx, fill)).exp() for dy, dx in TTA_VIEWS[tta]]).mean(0)
-        return prob.clamp_min(1e-12).log()
-
-    return _score(model, loader, log_probs)
-
-
-# Settings that may differ between a run and its resumption: where it runs, not what it computes.
-_RESUME_FREE = {"device", "data_dir", "eval_batch_size", "tta"}
-
-
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, path) -> None:
-    current = config.to_dict()
-    changed = [f"{k}={saved.get(k)!r} there, {current[k]!r} here"
-               for k in current if k not in _RESUME_FREE
-               and saved.get(k, getattr(TrainConfig, k, None)) != current[k]]  # older checkpoints lack newer settings
-    if changed:
-        raise CheckpointError(f"checkpoint {path} was written by a run with other settings "
-                              f"({'; '.join(changed)}); resume it with the same settings")
-
-
 ProgressFn = Callable[[int, int, int, float, float], None]
 
 
-def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str | os.PathLike | None = None,
-        resume_from: str | os.PathLike | None = None, progress: ProgressFn | None = None,
-        progress_every: int = 25) -> Iterator[dict[str, Any]]:
-    """Train one model; yield one result dict per epoch (see module docstring).
+@dataclass
+class _Run:
+    """What one ``fit`` trains: the model, its optimizer and schedule, the loaders and the EMA."""
 
-    ``progress(epoch, batch, n_batches, running_loss, running_acc)`` is called every
-    ``progress_every`` batches and at the last one; it costs one host sync each time.
-    """
-    config.validate()
-    device = resolve_device(config.device)
-    if data is None:
-        data = load_mnist(resolve_data_dir(config.data_dir), config.train_limit, config.test_limit)
-    data = _limit(data, config)
+    config: TrainConfig
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    ema: WeightEMA | None
 
-    torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
-    optimizer = build_optimizer(config, model.parameters())
-    train_loader = DeviceLoader(data.train_images, data.train_labels, config.batch_size, device=device,
-                                shuffle=True, augment=config.augment_config(), seed=config.seed)
-    test_loader = DeviceLoader(data.test_images, data.test_labels, config.eval_batch_size, device=device)
-    scheduler = build_scheduler(config.schedule, optimizer, config.epochs, len(train_loader))
-    ema = WeightEMA(model, config.ema) if config.ema > 0 else None
-    scored = model if ema is None else ema.model  # what is tested and checkpointed as "model"
-    augment = train_loader.augment
+    @classmethod
+    def build(cls, config: TrainConfig, data: MNIST, device: torch.device) -> "_Run":
+        torch.manual_seed(config.seed)  # the model's initialisation
+        model = build_model(config).to(device)
+        optimizer = build_optimizer(config, model.parameters())
+        train_loader = DeviceLoader(data.train_images, data.train_labels, config.batch_size, device=device,
+                                    shuffle=True, augment=config.augment_config(), seed=config.seed)
+        test_loader = DeviceLoader(data.test_images, data.test_labels, config.eval_batch_size, device=device)
+        scheduler = build_scheduler(config.schedule, optimizer, config.epochs, len(train_loader))
+        ema = WeightEMA(model, config.ema) if config.ema > 0 else None
+        return cls(config, device, model, optimizer, scheduler, train_loader, test_loader, ema)
 
-    start_epoch, best_acc, history = 1, -1.0, []
-    ckpt_dir = prepare_checkpoint_dir(checkpoint_dir) if checkpoint_dir is not None else None
-    if resume_from is not None:
-        state = check_resumable(config, resume_from)
-        if ema is not None:  # "model" holds the evaluated (averaged) weights, "live" the trained ones
-            model.load_state_dict(state["live"])
-            ema.load_state_dict({"model": state["model"], "updates": state["ema_updates"]})
+    @property
+    def scored(self) -> torch.nn.Module:
+        """What is tested and checkpointed as "model": the average when EMA is on."""
+        return self.model if self.ema is None else self.ema.model
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, float, list]:
+        """Load a checkpoint; return (first epoch to train, best test accuracy, history)."""
+        if self.ema is not None:  # "model" holds the evaluated (averaged) weights, "live" the trained ones
+            self.model.load_state_dict(state["live"])
+            self.ema.load_state_dict({"model": state["model"], "updates": state["ema_updates"]})
         else:
-            model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        best_acc = float(state["best_test_acc"])
-        history = list(state.get("history", []))
+            self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
+        return int(state["epoch"]) + 1, float(state["best_test_acc"]), list(state.get("history", []))
 
-    n_batches = len(train_loader)
-    for epoch in range(start_epoch, config.epochs + 1):
-        torch.manual_seed(_epoch_seed(config.seed, epoch))  # dropout RNG
-        train_loader.set_epoch(epoch)
-        train_loader.augment = None if epoch > config.epochs - config.clean_epochs else augment
+    def train_epoch(self, epoch: int, augment: AugmentConfig | None, progress: ProgressFn | None,
+                    progress_every: int) -> tuple[float, float, float, int]:
+        """One epoch of training; (train loss, train accuracy %, the last step's lr, images seen)."""
+        config, model, optimizer, scheduler, loader = (self.config, self.model, self.optimizer,
+                                                       self.scheduler, self.train_loader)
+        torch.manual_seed(dropout_seed(config.seed, epoch))  # dropout RNG
+        loader.set_epoch(epoch)
+        loader.augment = None if epoch > config.epochs - config.clean_epochs else augment
         model.train()
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        for i, (x, y) in enumerate(train_loader, 1):
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen, n_batches = 0, len(loader)
+        for i, (x, y) in enumerate(loader, 1):
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)  # out: log-probs
             optimizer.zero_grad(set_to_none=True)
@@ -438,19 +276,57 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
             if i == n_batches:
                 lr_used = scheduler.get_lr()  # the lr this epoch's last step used
             scheduler.step_batch()
-            if ema is not None:
-                ema.update()
+            if self.ema is not None:
+                self.ema.update()
             loss_sum += loss.detach() * y.numel()
             correct += (out.detach().argmax(1) == y).sum()
             seen += y.numel()
             if progress is not None and (i % progress_every == 0 or i == n_batches):
                 progress(epoch, i, n_batches, loss_sum.item() / seen, 100.0 * correct.item() / seen)
-        train_loss, train_acc = loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1), lr_used, seen
+
+    def checkpoint(self, epoch: int, best_acc: float, history: list) -> dict[str, Any]:
+        state = {
+            "version": CHECKPOINT_VERSION, "epoch": epoch, "config": self.config.to_dict(),
+            "model": self.scored.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "best_test_acc": best_acc,
+            "history": history, "rng": {"torch": torch.get_rng_state()},
+        }
+        if self.ema is not None:
+            state.update(live=self.model.state_dict(), ema_updates=self.ema.updates)
+        return state
+
+
+def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str | os.PathLike | None = None,
+        resume_from: str | os.PathLike | None = None, progress: ProgressFn | None = None,
+        progress_every: int = 25) -> Iterator[dict[str, Any]]:
+    """Train one model; yield one result dict per epoch (see module docstring).
+
+    ``data`` defaults to ``load_mnist(config.data_dir)``. ``progress(epoch, batch, n_batches,
+    running_loss, running_acc)`` is called every ``progress_every`` batches and at the last one;
+    it costs one host sync each time.
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    if data is None:
+        if config.data_dir is None:
+            raise ValueError("fit needs data (an MNIST) or config.data_dir (a folder of the four MNIST files)")
+        data = load_mnist(config.data_dir, config.train_limit, config.test_limit)
+    run = _Run.build(config, data.limit(config.train_limit, config.test_limit), device)
+    augment = run.train_loader.augment
+    start_epoch, best_acc, history = 1, -1.0, []
+    ckpt_dir = prepare_checkpoint_dir(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume_from is not None:
+        start_epoch, best_acc, history = run.restore(check_resumable(config, resume_from))
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        start = time.perf_counter()
+        train_loss, train_acc, lr_used, seen = run.train_epoch(epoch, augment, progress, progress_every)
         train_seconds = time.perf_counter() - start
-        test_loss, test_acc = evaluate(scored, test_loader)
-        scheduler.step_epoch(test_loss)
+        test_loss, test_acc = evaluate(run.scored, run.test_loader)
+        run.scheduler.step_epoch(test_loss)
         epoch_seconds = time.perf_counter() - start
         is_best = test_acc > best_acc
         best_acc = max(best_acc, test_acc)
@@ -462,17 +338,10 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
             "checkpoint": None, "best": is_best,
         }
         if config.tta != "none" and epoch == config.epochs:
-            result["tta_test_loss"], result["tta_test_acc"] = evaluate_tta(scored, test_loader, config.tta)
+            result["tta_test_loss"], result["tta_test_acc"] = evaluate_tta(run.scored, run.test_loader, config.tta)
         history.append({k: v for k, v in result.items() if k not in ("checkpoint", "best")})
         if ckpt_dir is not None:
-            state = {
-                "version": CHECKPOINT_VERSION, "epoch": epoch, "config": config.to_dict(),
-                "model": scored.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "best_test_acc": best_acc,
-                "history": history, "rng": {"torch": torch.get_rng_state()},
-            }
-            if ema is not None:
-                state.update(live=model.state_dict(), ema_updates=ema.updates)
+            state = run.checkpoint(epoch, best_acc, history)
             save_checkpoint(ckpt_dir / "last.pt", state)
             if is_best:
                 save_checkpoint(ckpt_dir / "best.pt", state)

@@ -1,4 +1,5 @@
-"""Helpers for the fault and multi-node tests (tests/test_faults.py, tests/test_multinode.py).
+"""What the fault and multi-node tests (tests/test_faults.py, tests/test_multinode.py) need on
+top of tests/_service_helpers.py (run_cli, CLEAN_ENV, job_id_of, wait_for, mlflow_client).
 
 Each of those modules runs its own service set (jobs.services.up with free ports and a private
 state folder), because it stops or adds processes that the shared session services must keep.
@@ -10,26 +11,13 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
-from click.testing import CliRunner
+from _service_helpers import job_id_of, mlflow_client as mlflow, run_cli, wait_for  # noqa: F401  (re-exported)
+from jobs.contract import EPOCH_METRICS as _ALL_EPOCH_METRICS
 
-from _service_helpers import job_id_of, wait_for  # noqa: F401  (re-exported for the fault tests)
-
-# The CLI must not pick up a cluster, server or storage from the developer's shell.
-CLEAN_ENV = {"RAY_ADDRESS": None, "MLFLOW_TRACKING_URI": None, "MNISTJOBS_DATA_DIR": None,
-             "MNISTJOBS_RAY_PORT": None, "MNISTJOBS_DASHBOARD_PORT": None, "MNISTJOBS_MLFLOW_PORT": None,
-             "MNISTJOBS_STORAGE_PATH": None}
-EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds", "images_per_second")
-
-
-def run_cli(args, *, home):
-    """`mnistjobs ARGS --home HOME` in-process; the click Result."""
-    from jobs.cli import main
-
-    return CliRunner().invoke(main, [str(a) for a in [*args, "--home", home]], env=CLEAN_ENV,
-                              catch_exceptions=False)
+# The metrics logged at every epoch (the tta_* ones come after the last epoch only).
+EPOCH_METRICS = tuple(m for m in _ALL_EPOCH_METRICS if not m.startswith("tta_"))
 
 
 @contextlib.contextmanager
@@ -58,9 +46,9 @@ def service_set(home: Path, *, num_cpus: int, env: dict[str, str] | None = None)
 
 
 def job_client(rec):
-    from jobs import services
+    from jobs.cluster import Cluster, job_client as client_of
 
-    return services.job_client(services.Cluster(rec.dashboard_url, rec.headers, rec.mlflow_url, True, rec))
+    return client_of(Cluster(rec.dashboard_url, rec.headers, rec.mlflow_url, True, rec))
 
 
 def job_status(rec, job: str) -> str:
@@ -68,16 +56,14 @@ def job_status(rec, job: str) -> str:
     return str(getattr(info.status, "value", info.status))
 
 
+def job_ended(status: str) -> bool:
+    from ray.job_submission import JobStatus
+
+    return JobStatus(status).is_terminal()
+
+
 def job_logs(rec, job: str) -> str:
     return job_client(rec).get_job_logs(job)
-
-
-def mlflow(rec):
-    from jobs import tracking
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-    return tracking.client(rec.mlflow_url)
 
 
 def trial_runs(mlf, job: str) -> dict:
@@ -90,14 +76,14 @@ def steps(mlf, run_id: str, key: str = "test_acc") -> list[int]:
     return sorted(m.step for m in mlf.get_metric_history(run_id, key))
 
 
-def cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return b""
+def cmdline(pid: int) -> str:
+    """A process's command line as one string ('' when it is gone)."""
+    from jobs.procs import cmdline as argv
+
+    return " ".join(argv(pid))
 
 
-def service_processes(rec, *needles: bytes) -> list[int]:
+def service_processes(rec, *needles: str) -> list[int]:
     """Live processes of this service set whose command line holds every needle."""
     from jobs import services
 
@@ -106,20 +92,15 @@ def service_processes(rec, *needles: bytes) -> list[int]:
 
 def trial_worker_pids(rec) -> list[int]:
     """Ray's actor processes running a Tune function trainable (process title ray::ImplicitFunc)."""
-    return [p for p in service_processes(rec, b"ray::ImplicitFunc") if cmdline(p).startswith(b"ray::")]
+    return [p for p in service_processes(rec, "ray::ImplicitFunc") if cmdline(p).startswith("ray::")]
 
 
 def driver_pids(rec, job: str) -> list[int]:
     """The sweep driver of a job: the Python process `python -m jobs.sweep --job-id JOB ...` (not
     the shell that Ray's job supervisor runs the entrypoint with)."""
-    def argv(pid):
-        try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return []
+    from jobs.procs import cmdline as argv
 
-    return [p for p in service_processes(rec, b"jobs.sweep", b"--job-id " + job.encode())
-            if argv(p)[1:3] == [b"-m", b"jobs.sweep"]]
+    return [p for p in service_processes(rec, "jobs.sweep", f"--job-id {job}") if argv(p)[1:3] == ["-m", "jobs.sweep"]]
 
 
 def kill(pid: int) -> None:
@@ -130,28 +111,21 @@ def kill(pid: int) -> None:
 # ------------------------------------------------------------------------------ the MLflow server
 
 def stop_mlflow(rec) -> None:
-    """Stop the set's MLflow server (its whole process group), as a crash or restart would."""
-    from jobs import services
+    """Stop the set's MLflow server (it and its workers), as a crash or restart would."""
+    from jobs import procs, services
+    from jobs.cluster import mlflow_answers
 
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(rec.mlflow_pid, signal.SIGTERM)
-    wait_for(lambda: not services.mlflow_answers(rec.mlflow_url) and services.port_is_free(rec.mlflow_port),
+    procs.terminate(procs.descendants(rec.mlflow_pid), grace=10.0)
+    wait_for(lambda: not mlflow_answers(rec.mlflow_url) and services.port_is_free(rec.mlflow_port),
              30, what="the MLflow server to stop")
 
 
 def start_mlflow(rec):
-    """Start the set's MLflow server again: same port, same store, recorded so `down` stops it."""
+    """Start the set's MLflow server again through jobs.services: same port, same store, the same
+    service id (so `down` stops it)."""
     from jobs import services
 
-    home = Path(rec.home)
-    cmd = services.mlflow_server_command(home, services.load_mlflow_settings(), host=rec.host, port=rec.mlflow_port)
-    env = {**os.environ, **services.ray_auth_env(home), services.SERVICE_ID_VAR: rec.service_id}
-    with open(home / "logs" / "mlflow.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                cwd=home, start_new_session=True)
-    rec.mlflow_pid = proc.pid
-    services._write_record(home, rec)
-    wait_for(lambda: services.mlflow_answers(rec.mlflow_url), 120, what="the MLflow server to start again")
+    rec.mlflow_pid = services.restart_mlflow(rec.home).mlflow_pid
     return rec
 
 

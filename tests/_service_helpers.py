@@ -1,4 +1,6 @@
-"""The one embedded Ray + MLflow service set of a test session, and helpers for service tests.
+"""The one embedded Ray + MLflow service set of a test session, and THE helpers of every test
+that drives the CLI or a service set (tests/_faults_helpers.py adds only what the fault and
+multi-node tests need on top: a private service set, its processes, reference runs).
 
 tests/conftest.py registers the ``embedded`` fixture (and ``finished_sweep``) for every test
 module, so a test just asks for them::
@@ -29,9 +31,10 @@ from dataclasses import dataclass
 import pytest
 from click.testing import CliRunner
 
-# The CLI must not pick up a cluster or server from the developer's shell.
+# The CLI must not pick up a cluster, server, data or storage from the developer's shell.
 CLEAN_ENV = {"RAY_ADDRESS": None, "MLFLOW_TRACKING_URI": None, "MNISTJOBS_DATA_DIR": None,
-             "MNISTJOBS_RAY_PORT": None, "MNISTJOBS_DASHBOARD_PORT": None, "MNISTJOBS_MLFLOW_PORT": None}
+             "MNISTJOBS_RAY_PORT": None, "MNISTJOBS_DASHBOARD_PORT": None, "MNISTJOBS_MLFLOW_PORT": None,
+             "MNISTJOBS_STORAGE_PATH": None}
 
 # Small enough for a 2-core CI machine: a few seconds per trial.
 TINY = ["--train-limit", "256", "--test-limit", "64", "--batch-size", "32", "--schedules", "cosine"]
@@ -124,12 +127,17 @@ def job_id_of(output: str) -> str:
 
 
 def mlflow_client(rec):
+    """An MlflowClient of the set's tracking server (artifact downloads without progress bars)."""
+    import os
+
     from jobs import tracking
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return tracking.client(rec.mlflow_url)
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    """Poll ``predicate`` until it returns something true (returned); fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -25,7 +25,7 @@ def real_mnist_dir() -> Path | None:
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """Four IDX files of a tiny learnable fake MNIST (512 train / 256 test)."""
-    from mnistnets.data import make_synthetic_mnist
+    from synthetic import make_synthetic_mnist
 
     return make_synthetic_mnist(tmp_path_factory.mktemp("synthetic-mnist"), n_train=512, n_test=256, seed=0)
 

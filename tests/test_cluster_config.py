@@ -83,15 +83,15 @@ def start_commands(raw_config: dict, key: str) -> list[str]:
 
 
 def mlflow_command(raw_config: dict) -> list[str]:
-    """The words of the `python -m jobs.services mlflow-server ...` call in the head's start commands."""
-    launcher = "jobs.services mlflow-server"
+    """The words of the `python -m jobs.mlflow_server ...` call in the head's start commands."""
+    launcher = "jobs.mlflow_server"
     found = [c for c in raw_config["head_start_ray_commands"] if launcher in c]
     assert len(found) == 1, "the head starts the MLflow server exactly once"
     for part in found[0].split(";"):
         if launcher in part:
             words = shlex.split(part.split(">")[0])
-            i = words.index("mlflow-server")
-            assert words[i - 3:i] == ["python", "-m", "jobs.services"], words
+            i = words.index(launcher)
+            assert words[i - 2:i] == ["python", "-m"], words
             return words[i + 1:]
     raise AssertionError("unreachable")
 
@@ -207,11 +207,11 @@ def test_nothing_listens_on_all_interfaces(raw):
 def test_head_starts_mlflow_through_the_project_launcher(raw):
     words = mlflow_command(raw)
     used = [w for w in words if w.startswith("--")]
-    import jobs.services as services
+    import jobs.mlflow_server as mlflow_server
 
     help_text = io.StringIO()
     with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit):
-        services._serve_mlflow(["--help"])
+        mlflow_server.main(["--help"])
     accepted = set(re.findall(r"--[a-z][a-z-]*", help_text.getvalue()))
     assert set(used) <= accepted, f"the launcher does not take {set(used) - accepted}"
     opts = options(words)
@@ -224,11 +224,37 @@ def test_head_starts_mlflow_through_the_project_launcher(raw):
 def test_mlflow_settings_serve_artifacts():
     """Workers upload artifacts over HTTP: the launcher's settings give `mlflow server --serve-artifacts`."""
     assert yaml.safe_load((REPO / "mlflow" / "server.yaml").read_text())["serve_artifacts"] is True
-    import jobs.services as services
+    import jobs.mlflow_server as mlflow_server
 
-    settings = services.load_mlflow_settings(REPO / "mlflow" / "server.yaml")
-    cmd = services.mlflow_server_command(Path("/home/ubuntu/.mnistjobs"), settings, host="10.0.0.5", port=5000)
+    settings = mlflow_server.load_mlflow_settings(REPO / "mlflow" / "server.yaml")
+    cmd = mlflow_server.mlflow_server_command(Path("/home/ubuntu/.mnistjobs"), settings, host="10.0.0.5", port=5000)
     assert "--serve-artifacts" in cmd and "--no-serve-artifacts" not in cmd
+
+
+def test_launcher_execs_mlflow_without_its_job_runners(tmp_path, monkeypatch):
+    """`python -m jobs.mlflow_server` makes the store folders and execs `mlflow server` with
+    MLflow's GenAI job execution off, unless the user's environment sets it."""
+    import os
+
+    import jobs.mlflow_server as mlflow_server
+
+    execs = []
+
+    def execve(path, argv, env):
+        execs.append((path, argv, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    home = tmp_path / "home"
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit):
+        mlflow_server.main(["--home", str(home), "--port", "5123"])
+    ((path, argv, env),) = execs
+    assert argv[0] == path and argv[1:4] == ["-m", "mlflow", "server"] and argv[argv.index("--port") + 1] == "5123"
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert (home / "mlflow" / "artifacts").is_dir() and (home / "mlflow").stat().st_mode & 0o077 == 0
+    assert mlflow_server.server_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}) == {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
 
 
 def test_nodes_get_the_projects_environment(raw):

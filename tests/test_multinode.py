@@ -23,9 +23,11 @@ import pytest
 
 from _faults_helpers import (EPOCH_METRICS, job_id_of, job_logs, mlflow, run_cli, service_set, steps, trial_runs,
                              wait_for)
+from jobs.contract import CHECKPOINT_DIR, CHECKPOINT_FILES, LAYERS_ARTIFACT, PLOT_FILES, PLOTS_DIR, TAG_NODE
 
 WORKER_RESOURCE = "mnistjobs_worker_b"
-ARTIFACTS = {"model/layers.txt", "checkpoints/last.pt", "checkpoints/best.pt", "plots/accuracy.png", "plots/loss.png"}
+ARTIFACTS = {LAYERS_ARTIFACT, *(f"{CHECKPOINT_DIR}/{n}" for n in CHECKPOINT_FILES),
+             *(f"{PLOTS_DIR}/{n}" for n in PLOT_FILES)}
 
 
 def test_storage_path_settings(tmp_path, monkeypatch):
@@ -58,10 +60,11 @@ def _start_worker_node(rec, *, num_cpus: int, resources: dict) -> Path:
     """`ray start --address HEAD` with the head's token; it carries the service id, so `down`
     stops it with the rest of the set. Returns its temp dir."""
     from jobs import services
+    from jobs.state import ray_auth_env
 
     home = Path(rec.home)
     temp = Path(tempfile.mkdtemp(prefix="mnj-w-", dir="/tmp"))
-    env = {**os.environ, **services.ray_auth_env(home), services.SERVICE_ID_VAR: rec.service_id,
+    env = {**os.environ, **ray_auth_env(home), services.SERVICE_ID_VAR: rec.service_id,
            "RAY_USAGE_STATS_ENABLED": "0"}
     for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
         env.pop(var, None)
@@ -92,7 +95,7 @@ def two_nodes(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sweep_runs_on_both_nodes(two_nodes, tmp_path):
-    from mnistnets.data import make_synthetic_mnist
+    from synthetic import make_synthetic_mnist
     from mnistnets.train import load_checkpoint
 
     rec, nodes, base = two_nodes
@@ -119,7 +122,7 @@ def test_sweep_runs_on_both_nodes(two_nodes, tmp_path):
     for name, run in runs.items():
         rid = run.info.run_id
         assert run.info.status == "FINISHED"
-        node_tag = run.data.tags["mnistjobs.node"]  # "<ip>/<Ray node id prefix>"
+        node_tag = run.data.tags[TAG_NODE]  # "<ip>/<Ray node id prefix>"
         matches = [n["node_id"] for n in nodes if n["node_id"].startswith(node_tag.split("/")[-1])]
         assert len(matches) == 1, (node_tag, [n["node_id"] for n in nodes])
         per_node.setdefault(matches[0], []).append(name)
@@ -128,10 +131,11 @@ def test_sweep_runs_on_both_nodes(two_nodes, tmp_path):
             points += 2
         # Artifacts live behind the server (mlflow-artifacts:/), uploaded and read over HTTP.
         assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
-        found = {a.path for d in ("model", "checkpoints", "plots") for a in mlf.list_artifacts(rid, d)}
+        found = {a.path for d in {p.rsplit("/", 1)[0] for p in ARTIFACTS} for a in mlf.list_artifacts(rid, d)}
         assert found >= ARTIFACTS, found
         files += len(found)
-        assert load_checkpoint(mlf.download_artifacts(rid, "checkpoints/last.pt", str(tmp_path / name)))["epoch"] == 2
+        last_pt = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILES[0]}"
+        assert load_checkpoint(mlf.download_artifacts(rid, last_pt, str(tmp_path / name)))["epoch"] == 2
     assert set(per_node) == {head["node_id"], worker["node_id"]}, per_node  # both nodes ran trials
     assert rec.mlflow_url.startswith("http://")
 

@@ -1,21 +1,17 @@
 """jobs.report and `mnistjobs compare`: MLflow trial runs -> tables, CSV/Markdown, PNG.
 
-The fast tests build the runs/epochs frames by hand. The slow ones start one real MLflow
-server (SQLite backend, free port) for the module, log fake trial runs with MlflowClient under
-the contract's names, and read them back through load_runs and the CLI.
+The fast tests build the runs/epochs frames by hand. The slow ones log fake trial runs with
+MlflowClient under the contract's names (jobs.contract) into an experiment of their own on the
+session's embedded MLflow server (``embedded``: started by jobs.services.up), and read them back
+through load_runs and the CLI.
 """
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
-import signal
+import re
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pandas as pd
 import pytest
@@ -23,11 +19,14 @@ from click.testing import CliRunner
 
 from jobs import report
 from jobs.cli import main
+from jobs.contract import (ROLE_SWEEP, ROLE_TRIAL, TAG_DEVICE, TAG_JOB, TAG_NODE, TAG_PARENT, TAG_ROLE, TAG_TRIAL,
+                           sweep_run_name)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JOB_A = "raysubmit_aaaa1111"
 JOB_B = "raysubmit_bbbb2222"
 T0 = 1_700_000_000_000  # ms
+EXP = "report-test"  # the slow tests' experiment on the session's shared MLflow server
 
 # name -> (job, model, params, schedule, seed, status, train_acc per epoch, test_acc per epoch,
 #          wall seconds)
@@ -238,16 +237,18 @@ def test_plot_is_png_and_atomic(tmp_path):
     assert out.read_bytes() == data
 
 
-def test_write_atomic_leaves_nothing_on_error(tmp_path, monkeypatch):
+def test_write_output_leaves_nothing_on_error(tmp_path, monkeypatch):
+    import mnistnets.files
+
     target = tmp_path / "out.txt"
     target.write_text("old")
 
     def boom(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report.os, "replace", boom)
+    monkeypatch.setattr(mnistnets.files.os, "replace", boom)
     with pytest.raises(OSError):
-        report.write_atomic(target, "new")
+        report.write_output(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
@@ -258,31 +259,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_server_is_a_clear_error():
+def test_unreachable_server_is_a_clear_error(monkeypatch):
+    """Fails fast: one health check decides, and no MLflow client (whose retries of a dead
+    server take minutes) is ever made."""
+    import mlflow
+
+    from jobs import cluster
+
     uri = f"http://127.0.0.1:{free_port()}"
-    t = time.monotonic()
+    asked, real = [], cluster.mlflow_answers
+    monkeypatch.setattr(cluster, "mlflow_answers", lambda u, **kw: asked.append(u) or real(u, **kw))
+
+    def no_client(*args, **kwargs):
+        raise AssertionError("an MLflow client was made for a server that does not answer")
+
+    monkeypatch.setattr(mlflow, "MlflowClient", no_client)
     with pytest.raises(report.ReportError, match="Cannot reach the MLflow tracking server"):
         report.load_runs(uri)
-    assert time.monotonic() - t < 10
+    assert asked == [uri]
     result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri])
     assert result.exit_code == 2
     assert "Cannot reach" in result.output and "Traceback" not in result.output
-
-
-def test_services_json_fallback(tmp_path, monkeypatch):
-    (tmp_path / "services.json").write_text('{"mlflow_uri": "http://127.0.0.1:5999"}')
-    try:
-        import jobs.services as services
-    except Exception:  # noqa: BLE001 - not written yet
-        services = None
-    if services is not None and hasattr(services, "tracking_uri_for"):
-        monkeypatch.delattr(services, "tracking_uri_for")
-    assert report.default_tracking_uri(tmp_path) == "http://127.0.0.1:5999"
-    assert report.default_tracking_uri(tmp_path / "missing") is None
+    assert asked == [uri, uri]
 
 
 def test_compare_without_any_tracking_uri_exits_2(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "default_tracking_uri", lambda home: None)
+    from jobs import services
+
+    monkeypatch.setattr(services, "tracking_uri_for", lambda home: None)
     result = CliRunner().invoke(main, ["compare", "--home", str(tmp_path)],
                                 env={"MLFLOW_TRACKING_URI": None})
     assert result.exit_code == 2
@@ -306,7 +310,7 @@ def sqlite_store(tmp_path_factory):
                                           (JOB_B, [98.1, 99.60], None)]):
         start = T0 + i * 1000
         run = client.create_run(exp, run_name="v0-onecycle-s1", start_time=start, tags={
-            "mnistjobs.job_id": job, "mnistjobs.role": "trial", "mnistjobs.trial_id": f"t{i}"})
+            TAG_JOB: job, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: f"t{i}"})
         metrics = [Metric(k, v, start + e, e) for e, te in enumerate(test, start=1)
                    for k, v in (("test_acc", te), ("train_acc", te - 1.0))]
         if tta is not None:
@@ -365,7 +369,7 @@ def test_compare_output_folder_must_exist(sqlite_store, tmp_path):
         assert str(target.parent) in result.output and "does not exist" in result.output
         assert not (tmp_path / "missing").exists()
     with pytest.raises(report.ReportError, match="missing.*does not exist"):
-        report.write_atomic(tmp_path / "missing" / "x.txt", "data")
+        report.write_output(tmp_path / "missing" / "x.txt", "data")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -379,9 +383,9 @@ def test_written_files_follow_the_umask(sqlite_store, tmp_path):
         assert os.stat(out).st_mode & 0o777 == 0o644
         assert os.stat(plot).st_mode & 0o777 == 0o644
         os.umask(0o027)
-        assert os.stat(report.write_atomic(tmp_path / "new.txt", "x")).st_mode & 0o777 == 0o640
+        assert os.stat(report.write_output(tmp_path / "new.txt", "x")).st_mode & 0o777 == 0o640
         os.chmod(out, 0o600)  # a file written again keeps its mode, as with open(path, "w")
-        report.write_atomic(out, "again")
+        report.write_output(out, "again")
         assert out.read_text() == "again" and os.stat(out).st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
@@ -409,63 +413,19 @@ def test_cli_compare_groups_count_runs_and_tta_coverage(sqlite_store):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """One real MLflow server for this module (SQLite + local artifacts), killed at the end."""
-    tmp = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(tmp / "server.log", "wb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp}/db.sqlite",
-         "--artifacts-destination", str(tmp / "art"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                log.flush()
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n"
-                            + (tmp / "server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow server did not start in 180 s:\n"
-                            + (tmp / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield uri
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def logged(mlflow_server):
-    """The FAKE trial runs (plus sweep parents and a run elsewhere) logged under contract names."""
+def logged(embedded):
+    """The FAKE trial runs (plus sweep parents and a run elsewhere) logged under contract names,
+    in the experiment EXP of the session's embedded MLflow server."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    client = MlflowClient(tracking_uri=mlflow_server)
-    exp = client.create_experiment("mnistjobs")
-    other = client.create_experiment("elsewhere")
+    client = MlflowClient(tracking_uri=embedded.mlflow_url)
+    exp = client.create_experiment(EXP)
+    other = client.create_experiment(f"{EXP}-elsewhere")
     parents = {}
     for job in (JOB_A, JOB_B):
-        parent = client.create_run(exp, run_name=f"sweep-{job}", start_time=T0,
-                                   tags={"mnistjobs.job_id": job, "mnistjobs.role": "sweep"})
+        parent = client.create_run(exp, run_name=sweep_run_name(job), start_time=T0,
+                                   tags={TAG_JOB: job, TAG_ROLE: ROLE_SWEEP})
         client.log_metric(parent.info.run_id, "test_acc", 1.0, step=1)
         parents[job] = parent.info.run_id
     ids = {}
@@ -473,9 +433,8 @@ def logged(mlflow_server):
         job, model, params, schedule, seed, status, train, test, wall = spec
         start = T0 + i * 1000
         run = client.create_run(exp, run_name=name, start_time=start, tags={
-            "mnistjobs.job_id": job, "mnistjobs.role": "trial", "mnistjobs.trial_id": f"t{i}",
-            "mnistjobs.node": "127.0.0.1", "mnistjobs.device": "cpu",
-            "mlflow.parentRunId": parents[job]})
+            TAG_JOB: job, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: f"t{i}", TAG_NODE: "127.0.0.1",
+            TAG_DEVICE: "cpu", TAG_PARENT: parents[job]})
         rid = run.info.run_id
         ps = {"model": model, "params": params, "schedule": schedule, "seed": seed,
               "optimizer": "sgd", "batch_size": 128, "epochs": 4, "device": "cpu"}
@@ -491,16 +450,15 @@ def logged(mlflow_server):
         client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in ps.items()])
         client.set_terminated(rid, status=status, end_time=start + wall * 1000)
         ids[name] = rid
-    stray = client.create_run(other, run_name="v3-step-s1",
-                              tags={"mnistjobs.role": "trial", "mnistjobs.job_id": JOB_A})
+    stray = client.create_run(other, run_name="v3-step-s1", tags={TAG_ROLE: ROLE_TRIAL, TAG_JOB: JOB_A})
     client.log_metric(stray.info.run_id, "test_acc", 99.0, step=1)
-    return mlflow_server, ids
+    return embedded.mlflow_url, ids
 
 
 @pytest.mark.slow
 def test_load_runs_rows_and_values(logged):
     uri, ids = logged
-    runs, epochs = report.load_runs(uri)
+    runs, epochs = report.load_runs(uri, experiment=EXP)
     assert list(runs["run"]) == list(FAKE)  # sorted by model, schedule, seed; no parents/strays
     assert set(runs["run_id"]) == set(ids.values())
     row = runs.set_index("run").loc["v1-onecycle-s3"]
@@ -534,12 +492,12 @@ def test_load_runs_rows_and_values(logged):
 @pytest.mark.slow
 def test_load_runs_job_filter_and_errors(logged):
     uri, ids = logged
-    runs, epochs = report.load_runs(uri, job=JOB_B)
+    runs, epochs = report.load_runs(uri, experiment=EXP, job=JOB_B)
     assert list(runs["run"]) == ["v1-onecycle-s3"]
     assert set(epochs["run_id"]) == {ids["v1-onecycle-s3"]}
     with pytest.raises(report.ReportError, match=f"no trial runs.*{JOB_A}"):
-        report.load_runs(uri, job="raysubmit_nope")
-    with pytest.raises(report.ReportError, match="no MLflow experiment named 'nope'.*mnistjobs"):
+        report.load_runs(uri, experiment=EXP, job="raysubmit_nope")
+    with pytest.raises(report.ReportError, match=f"no MLflow experiment named 'nope'.*{re.escape(EXP)}"):
         report.load_runs(uri, experiment="nope")
 
 
@@ -547,7 +505,8 @@ def test_load_runs_job_filter_and_errors(logged):
 def test_cli_compare_prints_tables(logged, tmp_path):
     uri, _ = logged
     plot = tmp_path / "acc.png"
-    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--plot", str(plot)])
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--experiment", EXP,
+                                       "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     out = result.output
     assert "Side-by-side epoch table" in out and "Summary" in out
@@ -559,7 +518,7 @@ def test_cli_compare_prints_tables(logged, tmp_path):
 @pytest.mark.slow
 def test_cli_compare_job_filter_and_env_uri(logged):
     uri, _ = logged
-    result = CliRunner().invoke(main, ["compare", "--job", JOB_B, "--table", "summary"],
+    result = CliRunner().invoke(main, ["compare", "--experiment", EXP, "--job", JOB_B, "--table", "summary"],
                                 env={"MLFLOW_TRACKING_URI": uri})
     assert result.exit_code == 0, result.output
     assert "v1-onecycle-s3" in result.output and "FAILED" in result.output
@@ -570,8 +529,8 @@ def test_cli_compare_job_filter_and_env_uri(logged):
 def test_cli_compare_csv_and_markdown_files(logged, tmp_path):
     uri, _ = logged
     out = tmp_path / "summary.csv"
-    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--table", "summary",
-                                       "--format", "csv", "-o", str(out)])
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--experiment", EXP,
+                                       "--table", "summary", "--format", "csv", "-o", str(out)])
     assert result.exit_code == 0, result.output
     back = pd.read_csv(out).set_index("Run")
     for name in FAKE:
@@ -580,8 +539,8 @@ def test_cli_compare_csv_and_markdown_files(logged, tmp_path):
         assert back.loc[name, "Best Test Acc"] == pytest.approx(exp["best"])
         first = back.loc[name, TARGET_COL]
         assert (math.isnan(first) if exp["first"] is None else first == exp["first"])
-    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--table", "epochs",
-                                       "--format", "markdown"])
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--experiment", EXP,
+                                       "--table", "epochs", "--format", "markdown"])
     assert result.exit_code == 0, result.output
     header, rows = parse_markdown(result.output)
     j = header.index("v1-onecycle-s2 Test Acc")
@@ -597,13 +556,49 @@ def test_cli_compare_unknown_experiment_and_job_exit_2(logged):
     assert result.exit_code == 2
     assert "no MLflow experiment named 'nope'" in result.output
     assert "Traceback" not in result.output
-    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--job", "raysubmit_x"])
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--experiment", EXP,
+                                       "--job", "raysubmit_x"])
     assert result.exit_code == 2 and "raysubmit_x" in result.output
 
 
 def test_duplicate_run_names_get_unique_labels():
     names = ["v0-onecycle-s1", "v0-onecycle-s1", "v1-step-s1"]
-    labels = report._unique_labels(names, ["job1", "job2", "job1"], ["a" * 32, "b" * 32, "c" * 32])
+    labels = report.unique_labels(names, ["job1", "job2", "job1"], ["a" * 32, "b" * 32, "c" * 32])
     assert labels == ["v0-onecycle-s1 (job1)", "v0-onecycle-s1 (job2)", "v1-step-s1"]
-    labels = report._unique_labels(names[:2], ["job1", "job1"], ["a" * 32, "b" * 32])
+    labels = report.unique_labels(names[:2], ["job1", "job1"], ["a" * 32, "b" * 32])
     assert labels == ["v0-onecycle-s1 (aaaaaaaa)", "v0-onecycle-s1 (bbbbbbbb)"]
+
+
+def test_one_run_search_pages_and_one_history_reader_keeps_the_last_value():
+    """search_all asks MLflow page after page until no token is left; metric_history keeps, of a
+    step logged twice (a retried epoch), the value logged last."""
+    from types import SimpleNamespace as NS
+
+    from jobs.tracking import metric_history, search_all
+
+    class Pages(list):
+        token = None
+
+    class Fake:
+        def __init__(self):
+            self.asked = []
+
+        def search_runs(self, experiment_ids, filter_string, run_view_type, max_results, page_token):
+            self.asked.append((tuple(experiment_ids), filter_string, page_token))
+            page = Pages([f"run-{page_token or 0}-{i}" for i in range(2)])
+            page.token = {None: "1", "1": "2"}.get(page_token)
+            return page
+
+        def get_metric_history(self, run_id, key):
+            return [NS(step=2, value=50.0, timestamp=5), NS(step=1, value=98.0, timestamp=3),
+                    NS(step=2, value=99.1, timestamp=9), NS(step=3, value=99.2, timestamp=9),
+                    NS(step=3, value=99.3, timestamp=9)] if key == "test_acc" else []
+
+    fake = Fake()
+    runs = search_all(fake, ["7"], "tags.x = 'y'")
+    assert runs == ["run-0-0", "run-0-1", "run-1-0", "run-1-1", "run-2-0", "run-2-1"]
+    assert fake.asked == [(("7",), "tags.x = 'y'", None), (("7",), "tags.x = 'y'", "1"),
+                          (("7",), "tags.x = 'y'", "2")]
+    assert search_all(fake, [], "") == [] and len(fake.asked) == 3  # no experiment: nothing asked
+    history = metric_history(fake, "r", ["test_acc", "lr"])
+    assert history == {"test_acc": [(1, 98.0), (2, 99.1), (3, 99.3)], "lr": []}

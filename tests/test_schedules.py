@@ -313,3 +313,32 @@ def test_onecycle_pct_start_defaults_to_the_recipes():
     explicit = _lrs("onecycle:pct_start=0.2", epochs=4, steps=10)
     assert plain == explicit and plain != _lrs("onecycle:pct_start=0.25", epochs=4, steps=10)
     assert max(range(len(plain)), key=plain.__getitem__) == 0.2 * 40 - 1  # torch's phase end
+
+
+def test_onecycle_nudge_takes_as_many_ulps_as_needed():
+    """One nudge is not always enough (issue 12 asked to make it one pass if the tests allow):
+    3 * nextafter(1/3) still rounds to 1.0, so 1/3 over 3 steps needs two; the result is always
+    the least pct_start >= the given one whose phases all have a length."""
+    from mnistnets.schedules import _onecycle_pct_start
+
+    def ends(pct, total, three_phase):  # as torch computes them
+        if three_phase:
+            return [0.0, float(pct * total) - 1, float(2 * pct * total) - 2, float(total - 1)]
+        return [0.0, float(pct * total) - 1, float(total - 1)]
+
+    def ok(pct, total, three_phase):
+        points = ends(pct, total, three_phase)
+        return all(a != b for a, b in zip(points, points[1:]))
+
+    once = math.nextafter(1 / 3, 1.0)
+    assert not ok(once, 3, False)
+    assert _onecycle_pct_start(1 / 3, 3, False) == math.nextafter(once, 1.0)
+    for total in range(1, 400):
+        for pct in {1 / total, 0.2, 0.25, 1 / 3, 0.1, 0.45}:
+            if not 0 < pct < 0.5:
+                continue
+            for three_phase in (False, True):
+                got = _onecycle_pct_start(pct, total, three_phase)
+                assert ok(got, total, three_phase) and got >= pct
+                assert got == pct or not ok(math.nextafter(got, 0.0), total, three_phase) or \
+                    math.nextafter(got, 0.0) < pct

@@ -59,11 +59,12 @@ def test_port_in_use_is_a_clear_usage_error(tmp_path):
 @pytest.mark.slow
 def test_token_auth_on_the_dashboard(embedded):
     from jobs import services
+    from jobs.cluster import http_status
 
     url = f"{embedded.dashboard_url}/api/jobs/"
-    assert services.http_status(url) == 401
-    assert services.http_status(url, {"Authorization": "Bearer " + "0" * 64}) == 403
-    assert services.http_status(url, embedded.headers) == 200
+    assert http_status(url) == 401
+    assert http_status(url, {"Authorization": "Bearer " + "0" * 64}) == 403
+    assert http_status(url, embedded.headers) == 200
     home = Path(embedded.home)
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
     assert stat.S_IMODE(Path(embedded.token_path).stat().st_mode) == 0o600
@@ -163,9 +164,9 @@ def test_cancel_leaves_runs_killed_and_resume_finishes_them(embedded, synthetic_
 
 @pytest.mark.slow
 def test_bad_specs_create_no_job_and_no_run(embedded):
-    from jobs import services, tracking
+    from jobs import cluster as clusters, tracking
 
-    client = services.job_client(services.Cluster(embedded.dashboard_url, embedded.headers, None, True))
+    client = clusters.job_client(clusters.Cluster(embedded.dashboard_url, embedded.headers, None, True))
     mlf = mlflow_client(embedded)
 
     def counts():

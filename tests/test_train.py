@@ -80,7 +80,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     state = {"version": 1, "epoch": 1, "config": {}, "model": {"w": torch.ones(2)}, "optimizer": {},
              "scheduler": {}, "best_test_acc": 0.0}
     save_checkpoint(ok, state)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt", "ok.pt"]  # no temporary file left
     assert torch.equal(load_checkpoint(ok)["model"]["w"], torch.ones(2))
     for key in ("config", "model", "epoch"):  # a checkpoint of ours lacking a part is refused, not a KeyError
         save_checkpoint(ok, {k: v for k, v in state.items() if k != key})
@@ -255,3 +255,33 @@ def test_logged_lr_is_the_lr_of_the_epochs_last_step(synthetic_data, schedule):
     assert [r["lr"] for r in results] == pytest.approx(expected, rel=1e-12)
     if schedule.startswith("onecycle"):  # the last step of a one-cycle run is near its floor
         assert results[-1]["lr"] < 1e-3
+
+
+def test_a_failed_checkpoint_write_keeps_the_old_checkpoint(tmp_path):
+    """Checkpoints go through mnistnets.files.write_atomic: a write that fails midway leaves the
+    previous checkpoint whole and no temporary file."""
+    path = tmp_path / "last.pt"
+    state = {"version": 1, "epoch": 1, "config": {}, "model": {"w": torch.ones(2)}, "optimizer": {},
+             "scheduler": {}, "best_test_acc": 0.0}
+    save_checkpoint(path, state)
+    with pytest.raises((AttributeError, TypeError)):  # torch cannot pickle a local function
+        save_checkpoint(path, {**state, "epoch": 2, "bad": lambda: None})
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_is_number_is_a_finite_real_not_a_bool():
+    from mnistnets.train import is_number
+
+    assert all(is_number(v) for v in (0, 1, -3, 0.5, 1e300))
+    assert not any(is_number(v) for v in (True, False, float("nan"), float("inf"), -float("inf"), "1", None))
+
+
+def test_fit_reads_the_config_data_dir_and_needs_data(synthetic_dir, synthetic_data):
+    config = _config(epochs=1, train_limit=64, test_limit=32)
+    from_dir = list(fit(TrainConfig(**{**config.to_dict(), "data_dir": str(synthetic_dir)})))
+    given = list(fit(config, data=synthetic_data))  # fit applies the limits to given data too
+    assert [r["test_acc"] for r in from_dir] == [r["test_acc"] for r in given]
+    assert from_dir[0]["images_per_second"] > 0 and given[0]["train_loss"] == from_dir[0]["train_loss"]
+    with pytest.raises(ValueError, match="data_dir"):
+        next(fit(config))  # mnistnets takes paths: no variable or state folder to fall back on

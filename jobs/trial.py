@@ -1,0 +1,293 @@
+"""One trial of a sweep: Tune's function trainable (:func:`train_trial`) and its checkpoints.
+
+The trial's config is one point of the spec's grid (``jobs.spec``): its TrainConfig is built
+here, inside the trial, with ``recipe_for`` (:func:`jobs.grid.trial_config`), its name from the
+same config (:func:`jobs.grid.trial_name`). MNIST is loaded once per worker process; the trial
+runs ``mnistnets.train.fit`` and, after every epoch, logs the epoch to its MLflow run and then
+reports it to Tune with a checkpoint (last.pt, best.pt and the MLflow run id). In that order a
+crash can only leave MLflow one epoch ahead of the checkpoint, and the reopened run skips epochs
+it already has. MLflow being away does not stop training (jobs.tracking queues the calls); a
+retried trial logs the epochs its checkpoint has and its run lacks. A corrupt or missing
+checkpoint falls back to the trial's previous one; with none readable the trial fails with a
+clear error, never a silent restart.
+
+Stopped on purpose: when Tune stops a trial (a stopper, a scheduler's STOP), Ray's session ends
+the function inside ``tune.report`` with ``SystemExit(0)`` (ray/train/_internal/session.py,
+``_report_training_result``), so ``fit``'s loop never reaches ``run.finish``. The trial then logs
+its final artifacts and ends its run FINISHED, tagged ``mnistjobs.stopped_early`` /
+``mnistjobs.stopped_at_epoch`` when it trained fewer epochs than planned. That is best effort
+(Tune may end the worker meanwhile); the driver makes sure of the status and tags
+(``jobs.sweep``, :func:`jobs.sweep.close_stopped_run`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jobs.contract import LAYERS_ARTIFACT, TAG_DEVICE, TAG_NODE, TAG_STOPPED_AT, TAG_STOPPED_EARLY
+
+STATE_FILE = "mnistjobs_trial.json"  # in every checkpoint: the MLflow run id, the epoch
+STOPPED_WAIT_S = 20.0  # how long a stopped trial waits for MLflow (the driver closes its run anyway)
+
+# Module-level: one copy of MNIST per worker process, shared by the trials that process runs.
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def _load_data(data_dir: str | None, node: str):
+    from jobs.datadir import resolve_data_dir
+    from mnistnets.data import DataError, load_mnist
+
+    try:
+        folder = str(resolve_data_dir(data_dir))
+        if folder not in _DATA_CACHE:
+            _DATA_CACHE[folder] = load_mnist(folder)
+    except DataError as e:
+        raise DataError(f"On Ray node {node}: {e} A data folder is read on the node that runs the "
+                        f"trial: with --address, give --data-dir (MNISTJOBS_DATA_DIR) as a path on the "
+                        f"cluster's nodes, not on the machine you submit from.") from None
+    return _DATA_CACHE[folder]
+
+
+def _node_and_device(device) -> tuple[str, str]:
+    import ray
+
+    try:
+        node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    except Exception:  # pragma: no cover - outside Ray
+        import socket
+
+        node = socket.gethostname()
+    label = str(device)
+    if device.type == "cuda":
+        import torch
+
+        label = f"{device.type}:{torch.cuda.get_device_name(device)}"
+    return node, label
+
+
+def _trial_storage(context, checkpoint) -> tuple[Any, str] | None:
+    """(pyarrow filesystem, the trial's folder in Tune's storage: local, NFS or s3://)."""
+    try:
+        storage = context.get_storage()
+        return storage.storage_filesystem, storage.trial_fs_path
+    except Exception:  # noqa: BLE001 - outside a Tune session, or another Ray: the checkpoint's folder
+        if checkpoint is None:
+            return None
+        return checkpoint.filesystem, posixpath.dirname(str(checkpoint.path).rstrip("/"))
+
+
+def _checkpoints(checkpoint, storage: tuple[Any, str] | None) -> list:
+    """Every checkpoint of the trial, the most advanced first: Tune's own (``checkpoint``) and
+    the checkpoint_NNNNNN folders beside it, ranked by the epoch their state file names.
+
+    A trial's checkpoints are interchangeable (training is deterministic), so the newest readable
+    one is the right start even when Tune's experiment snapshot, written every few seconds by a
+    driver that was then killed, names an older one or none."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    found = {}
+    if checkpoint is not None:
+        found[str(checkpoint.path).rstrip("/")] = checkpoint
+    if storage is not None:
+        fs, folder = storage
+        try:
+            for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+                if info.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint_\d+", info.base_name):
+                    found.setdefault(info.path.rstrip("/"), tune.Checkpoint(info.path, filesystem=fs))
+        except Exception:  # noqa: BLE001 - no listing: Tune's checkpoint only
+            pass
+
+    def rank(candidate) -> tuple[int, str]:
+        try:
+            with candidate.filesystem.open_input_stream(posixpath.join(str(candidate.path), STATE_FILE)) as f:
+                epoch = int(json.loads(f.read()).get("epoch", -1))
+        except Exception:  # noqa: BLE001 - unreadable or gone: tried last
+            epoch = -1
+        return epoch, posixpath.basename(str(candidate.path).rstrip("/"))
+
+    return sorted(found.values(), key=rank, reverse=True)
+
+
+def _restore(checkpoint, work: Path, name: str,
+             storage: tuple[Any, str] | None = None) -> tuple[Path | None, dict[str, Any] | None, str | None]:
+    """Copy the trial's newest readable checkpoint into ``work``: (last.pt, its state, the MLflow
+    run id), or (None, None, None) when the trial has none (a fresh start). A corrupt or missing
+    last.pt falls back to the previous checkpoint; with checkpoints but none readable,
+    CheckpointError: a trial never starts again from epoch 1 behind the user's back."""
+    from mnistnets.train import CheckpointError, load_checkpoint
+
+    if storage is None and checkpoint is not None:
+        storage = (checkpoint.filesystem, posixpath.dirname(str(checkpoint.path).rstrip("/")))
+    candidates = _checkpoints(checkpoint, storage)
+    if not candidates:
+        return None, None, None
+    problems = []
+    for candidate in candidates:
+        staging = Path(tempfile.mkdtemp(prefix="restore-", dir=work))
+        try:
+            with candidate.as_directory() as d:
+                for fname in ("last.pt", "best.pt", STATE_FILE):
+                    if (Path(d) / fname).is_file():
+                        shutil.copy2(Path(d) / fname, staging / fname)
+            state = load_checkpoint(staging / "last.pt")
+        except Exception as e:  # noqa: BLE001 - CheckpointError, or a checkpoint folder that is gone
+            reason = " ".join(str(e).replace(str(staging / "last.pt"), f"{candidate.path}/last.pt").split())
+            reason = reason if len(reason) <= 200 else reason[:197] + "..."
+            problems.append(reason if str(candidate.path) in reason else f"{candidate.path}: {reason}")
+            shutil.rmtree(staging, ignore_errors=True)
+            continue
+        for fname in ("last.pt", "best.pt", STATE_FILE):
+            if (staging / fname).is_file():
+                os.replace(staging / fname, work / fname)
+        shutil.rmtree(staging, ignore_errors=True)
+        run_id = None
+        try:
+            run_id = json.loads((work / STATE_FILE).read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            pass  # the run is found by its trial tag
+        if problems:
+            print(f"[{name}] checkpoint unusable, fell back to an older one: {'; '.join(problems)}", flush=True)
+        print(f"[{name}] resuming after epoch {state['epoch']} from {candidate.path}"
+              + (" (the epochs after it are trained again and not logged twice)" if problems else ""), flush=True)
+        return work / "last.pt", state, run_id
+    raise CheckpointError(
+        f"Trial {name} cannot resume: no checkpoint of it is readable ({'; '.join(problems)}). It is not "
+        f"started again from epoch 1 (its MLflow run keeps the epochs it logged). Restore the checkpoint "
+        f"files in Tune's storage and `mnistjobs resume` the job, or submit the trial as a new job.")
+
+
+def _limit_threads() -> None:
+    """As many torch threads as the trial has CPUs: trials sharing a node must not oversubscribe it
+    (Ray's OMP_NUM_THREADS does not reach a torch imported before it was set)."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """Tune's function trainable: one trial (a point of the grid), resumable from its checkpoint."""
+    from ray import tune
+
+    from jobs import tracking
+    from jobs.grid import trial_config, trial_name
+
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # no line per checkpoint
+    _limit_threads()
+    tracking.fail_fast_requests()  # TrialRun retries; MLflow's own retries would stall training
+    name, job, cfg = trial_name(config), config["job"], trial_config(config)
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    # fit()'s checkpoint folder, in the trial's local folder (under Ray's session dir, so a killed
+    # trial leaves nothing in /tmp itself); what persists is what Tune copies to its storage.
+    try:
+        local = Path(context.get_trial_dir())
+    except Exception:  # pragma: no cover - outside a Tune session
+        local = Path(tempfile.gettempdir())
+    local.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mnistjobs-work-", dir=local))
+    try:
+        checkpoint = tune.get_checkpoint()
+        resume_from, resumed, run_id = _restore(checkpoint, work, name, _trial_storage(context, checkpoint))
+        mlf = tracking.client(job["tracking_uri"])
+        if resumed is not None and resumed["epoch"] >= cfg.epochs and tracking.run_finished(mlf, run_id):
+            # Trained and logged to the end before a driver died: Tune's snapshot did not know.
+            print(f"[{name}] finished already (epoch {resumed['epoch']}/{cfg.epochs}, MLflow run "
+                  f"FINISHED): nothing to repeat", flush=True)
+            return
+        run = tracking.TrialRun.open(mlf, experiment_id=job["experiment_id"], parent_run_id=job["parent_run_id"],
+                                     job_id=job["job_id"], trial_id=trial_id, name=name, run_id=run_id)
+        node = _start_run(run, cfg, resumed)
+        data = _load_data(cfg.data_dir, node)
+        for result in fit_and_log(run, cfg, data, work, resume_from):
+            try:
+                _report(result, work, local)
+            except SystemExit as stop:  # Tune stopped this trial on purpose (see the module's doc)
+                if stop.code in (0, None):
+                    _end_stopped(run, work, name, int(result["epoch"]), cfg.epochs)
+                raise
+        _end(run, work)
+        run.finish("FINISHED")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _start_run(run, cfg, resumed: dict[str, Any] | None) -> str:
+    """The run's node/device tags, params and layer table; the epochs a resumed checkpoint has
+    and the run lacks (MLflow was away). Returns the node."""
+    from mnistnets.models import count_parameters
+    from mnistnets.summary import format_table
+    from mnistnets.train import build_model, resolve_device
+
+    device = resolve_device(cfg.device)
+    node, device_label = _node_and_device(device)
+    run.set_tags({TAG_NODE: node, TAG_DEVICE: device_label})
+    model = build_model(cfg)
+    run.log_params(cfg.to_dict(), params=count_parameters(model), device=device.type)
+    run.log_text(format_table(model), LAYERS_ARTIFACT)
+    if resumed is not None:
+        for past in resumed.get("history", []):
+            run.log_epoch(past)
+    return node
+
+
+def fit_and_log(run, cfg, data, work: Path, resume_from: Path | None):
+    """``fit``'s epochs, each logged to the run and recorded in the state file before it is yielded."""
+    from mnistnets.train import fit
+
+    for result in fit(cfg, data=data, checkpoint_dir=work, resume_from=resume_from):
+        run.log_epoch(result)
+        (work / STATE_FILE).write_text(json.dumps({"run_id": run.run_id, "epoch": result["epoch"],
+                                                   "trial_id": run.trial_id}))
+        yield result
+
+
+def _report(result: dict[str, Any], work: Path, local: Path) -> None:
+    """One epoch to Tune, with a checkpoint: copies of last.pt, best.pt and the state file."""
+    from ray import tune
+
+    metrics = {k: v for k, v in result.items() if k != "checkpoint"}
+    metrics["best"] = bool(metrics.get("best"))
+    with tempfile.TemporaryDirectory(prefix="mnistjobs-ckpt-", dir=local) as tmp:
+        for fname in ("last.pt", "best.pt", STATE_FILE):
+            if (work / fname).is_file():
+                shutil.copy2(work / fname, Path(tmp) / fname)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _end(run, work: Path) -> None:
+    """The run's final artifacts: the checkpoints and the plots of the checkpoint's history."""
+    from mnistnets.train import load_checkpoint
+
+    history = load_checkpoint(work / "last.pt").get("history") if (work / "last.pt").is_file() else None
+    run.log_final_artifacts(work, history=history)
+
+
+def stopped_tags(epoch: int | None, planned: int) -> dict[str, str]:
+    """The tags of a run Tune stopped after ``epoch`` of ``planned`` epochs (none when it trained all)."""
+    epoch = int(epoch or 0)
+    return {TAG_STOPPED_EARLY: "true", TAG_STOPPED_AT: str(epoch)} if epoch < planned else {}
+
+
+def _end_stopped(run, work: Path, name: str, epoch: int, planned: int) -> None:
+    """A trial Tune stopped after ``epoch``: its artifacts and its run FINISHED (best effort:
+    never raises, so that the SystemExit Tune asked for ends the trial)."""
+    try:
+        tags = stopped_tags(epoch, planned)
+        print(f"[{name}] stopped by Tune after epoch {epoch}/{planned}", flush=True)
+        if tags:
+            run.set_tags(tags)
+        _end(run, work)
+        run.finish("FINISHED", wait=STOPPED_WAIT_S)
+    except Exception as e:  # noqa: BLE001 - the driver closes the run (jobs.sweep)
+        print(f"[{name}] stopped; its MLflow run is closed by the driver ({' '.join(str(e).split())[:200]})",
+              flush=True)
