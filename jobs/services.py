@@ -13,9 +13,6 @@ running cluster is jobs.cluster's.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import secrets
 import shlex
@@ -23,21 +20,19 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from jobs import procs
-from jobs.cluster import auth_headers, mlflow_answers, ray_answers
+from jobs.cluster import mlflow_answers, ray_answers
 from jobs.mlflow_server import (DEFAULT_HOST, DEFAULT_PORT as DEFAULT_MLFLOW_PORT, SettingsError,
                                 load_mlflow_settings, make_store_dirs, mlflow_server_command, server_env)
+from jobs.record import RECORD_NAME, Services, load_record, locked, record_path, write_record  # noqa: F401 (re-exported)
 from jobs.state import StateError, ensure_home, ensure_token, ray_auth_env, ray_temp_dir, resolve_home
-from mnistnets.files import write_atomic
 
 DEFAULT_RAY_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
 OBJECT_STORE_MEMORY = 512 * 1024**2  # the sweeps put little in Ray's object store
-RECORD_NAME = "services.json"
 SERVICE_ID_VAR = "MNISTJOBS_SERVICE_ID"
 
 # Per port: what listens there, the variable that sets it, and the options named in errors.
@@ -114,82 +109,6 @@ def _choose_ports(host: str, settings: dict[str, Any], ray: int | None, dashboar
     if len(set(ports.values())) < 3:
         raise ServiceError(f"The three service ports must differ: {ports}")
     return ports
-
-
-# ---------------------------------------------------------------------------------------- record
-
-@dataclass
-class Services:
-    """What `up` started: enough for `status`, `down`, and the CLI to talk to them."""
-
-    home: str
-    service_id: str
-    host: str
-    temp_dir: str
-    token_path: str
-    ray_address: str          # the GCS address, host:port (what `ray start --address` takes)
-    ray_port: int
-    dashboard_port: int
-    dashboard_url: str        # the dashboard and the job API
-    mlflow_pid: int
-    mlflow_port: int
-    mlflow_url: str           # the tracking URI
-    mlflow_command: list[str] = field(default_factory=list)  # what restart_mlflow runs again
-    ray_client_port: int = 0
-    num_cpus: int | None = None
-    num_gpus: int | None = None
-    started_at: float = 0.0
-    logs: dict[str, str] = field(default_factory=dict)
-    reused: bool = False      # set by up() when it found them running; not stored
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d.pop("reused")
-        return json.dumps(d, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Services":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    @property
-    def token(self) -> str | None:
-        try:
-            return Path(self.token_path).read_text().strip() or None
-        except OSError:
-            return None
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return auth_headers(self.token)
-
-
-def record_path(home: Path) -> Path:
-    return Path(home) / RECORD_NAME
-
-
-def load_record(home: str | os.PathLike | None = None) -> Services | None:
-    path = record_path(resolve_home(home))
-    try:
-        return Services.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _write_record(home: Path, services: Services) -> None:
-    write_atomic(record_path(home), services.to_json(), mode=0o600)
-
-
-@contextlib.contextmanager
-def _locked(home: Path) -> Iterator[None]:
-    """One `up`/`down` at a time per state folder (two `submit`s at once start one service set)."""
-    fd = os.open(Path(home) / "services.lock", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -284,7 +203,7 @@ def up(home: str | os.PathLike | None = None, *, host: str | None = None, ray_po
         home_path = ensure_home(home)
     except StateError as e:
         raise ServiceError(str(e)) from None
-    with _locked(home_path):
+    with locked(home_path):
         rec = load_record(home_path)
         if rec is not None:
             if _both_answer(rec):
@@ -301,7 +220,7 @@ def up(home: str | os.PathLike | None = None, *, host: str | None = None, ray_po
         ports = _choose_ports(host, settings, ray_port, dashboard_port, mlflow_port)
         services = _start(home_path, settings, host, ports, num_cpus=num_cpus, num_gpus=num_gpus,
                           timeout=timeout, log=log)
-        _write_record(home_path, services)
+        write_record(home_path, services)
         return services
 
 
@@ -397,7 +316,7 @@ def restart_mlflow(home: str | os.PathLike | None = None, timeout: float = 120.0
     """Start the recorded set's MLflow server again after it stopped (the same command: port,
     store, settings; the same service id, so `down` stops it); Ray is left as it runs."""
     home_path = resolve_home(home)
-    with _locked(home_path):
+    with locked(home_path):
         rec = load_record(home_path)
         if rec is None or not rec.mlflow_command:
             raise ServiceError(f"No embedded MLflow server is recorded in {home_path}; start one with `mnistjobs up`.")
@@ -411,7 +330,7 @@ def restart_mlflow(home: str | os.PathLike | None = None, timeout: float = 120.0
         except BaseException:
             procs.terminate(procs.descendants(proc.pid), grace=3.0)
             raise
-        _write_record(home_path, rec)
+        write_record(home_path, rec)
         return rec
 
 
@@ -421,7 +340,7 @@ def down(home: str | os.PathLike | None = None, grace: float = 5.0) -> Services 
     home_path = resolve_home(home)
     if not home_path.is_dir():
         return None
-    with _locked(home_path):
+    with locked(home_path):
         rec = load_record(home_path)
         if rec is None:
             return None

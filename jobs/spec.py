@@ -5,15 +5,12 @@ Built from CLI options and/or a YAML file (``--config sweep.yaml``; options give
 command line override the file) and validated before anything starts: ``validate()`` raises
 ``SpecError`` with one clear paragraph.
 
-The spec is a grid: ``axes()`` names each axis and its values (``model``, ``schedule``, ``seed``
-and every ``train:`` setting given as a list), ``fixed_settings()`` the plain values every trial
-shares. ``param_space()`` hands both to Tune (each axis a ``tune.grid_search``), and
-``points()`` expands the same axes in a fixed order (model, schedule, seed, then the other
-axes) for the dry run, ``summary()`` and validation; ``trials()`` is ``points()`` named. A
-point is what Tune samples, a trial's ``config``: :func:`jobs.grid.trial_config` builds its
-TrainConfig (``recipe_for``: settings the spec leaves unset come from the model's recipe) and
-:func:`jobs.grid.trial_name` its name (``v2-onecycle-s1``, ``v2-onecycle-s1-lr0.05`` with a list under
-``train:``). A YAML file looks like::
+The spec is a grid: ``axes()`` (``model``, ``schedule``, ``seed``, each ``train:`` setting given
+as a list) and ``fixed_settings()`` (plain values every trial shares). ``param_space()`` hands
+both to Tune, each axis a ``tune.grid_search``; ``points()`` expands the same axes in a fixed
+order (model, schedule, seed, then the others) for the dry run, ``summary()`` and validation,
+and ``trials()`` names them. A point is a trial's ``config``; ``jobs.grid`` builds its
+TrainConfig (``recipe_for``) and its name (``v2-onecycle-s1``). A YAML file looks like::
 
     models: [v0, v2]          # or "all", or "v0,v2"
     schedules:                # grid axis: schedule specs (see `mnistjobs train --help`)
@@ -39,7 +36,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from jobs.contract import DEFAULT_EXPERIMENT
-
 from jobs.grid import GRID_AXES, NAMING_KEY, recipe_schedule, trial_config, trial_name
 
 AUTO_GPU_FRACTION = 0.25
@@ -185,9 +181,15 @@ class SweepSpec:
 
     def validate(self) -> "SweepSpec":
         """Raise SpecError for anything that would make a trial fail before it trains."""
+        self._validate_axes()
+        self._validate_settings()
+        self._validate_trials()
+        return self
+
+    def _validate_axes(self) -> None:
+        """The models, the schedules, the seeds and the ``train:`` lists."""
         from mnistnets import list_models
         from mnistnets.schedules import ScheduleError, parse_schedule
-        from mnistnets.train import OPTIMIZERS, is_number
 
         valid_models = list_models()
         self.models = split_models(self.models)
@@ -207,12 +209,6 @@ class SweepSpec:
         if twice:
             raise SpecError(f"schedules lists {twice[0]!r} twice (--schedules); each schedule runs once per "
                             f"(model, seed).")
-        self._check_int("epochs", 1, "--epochs")
-        if self.batch_size is not None:
-            self._check_int("batch_size", 1, "--batch-size")
-        for name, option in (("train_limit", "--train-limit"), ("test_limit", "--test-limit")):
-            if getattr(self, name) is not None:
-                self._check_int(name, 1, option)
         if isinstance(self.seeds, list):
             if not self.seeds or not all(_is_int(s) and s >= 0 for s in self.seeds):
                 raise SpecError(f"seeds must be a number N >= 1 (seeds 1..N) or a list of seeds >= 0, "
@@ -222,6 +218,21 @@ class SweepSpec:
                                 f"(model, schedule).")
         else:
             self._check_int("seeds", 1, "--seeds")
+        for name, values in self.train.items():
+            if isinstance(values, (list, tuple)) and (not values or len(set(map(repr, values))) != len(values)):
+                raise SpecError(f"train: {name}: a list is a grid axis of distinct values (one trial per value), "
+                                f"not {list(values)!r}.")
+
+    def _validate_settings(self) -> None:
+        """The settings every trial shares, and where it runs."""
+        from mnistnets.train import OPTIMIZERS, is_number
+
+        self._check_int("epochs", 1, "--epochs")
+        if self.batch_size is not None:
+            self._check_int("batch_size", 1, "--batch-size")
+        for name, option in (("train_limit", "--train-limit"), ("test_limit", "--test-limit")):
+            if getattr(self, name) is not None:
+                self._check_int(name, 1, option)
         if self.optimizer is not None:
             if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZERS:
                 raise SpecError(f"Unknown optimizer {self.optimizer!r} (--optimizer); valid: {', '.join(OPTIMIZERS)}.")
@@ -248,12 +259,6 @@ class SweepSpec:
         if clash:
             raise SpecError(f"train: {', '.join(clash)} {'is a sweep setting' if len(clash) == 1 else 'are sweep settings'}; "
                             f"set {'it' if len(clash) == 1 else 'them'} at the top level.")
-        for name, values in self.train.items():
-            if isinstance(values, (list, tuple)) and (not values or len(set(map(repr, values))) != len(values)):
-                raise SpecError(f"train: {name}: a list is a grid axis of distinct values (one trial per value), "
-                                f"not {list(values)!r}.")
-        self._validate_trials()
-        return self
 
     def _validate_trials(self) -> None:
         """Every trial's TrainConfig, before anything starts."""

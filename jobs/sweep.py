@@ -35,7 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+
 from jobs.contract import TAG_TRIAL
+from jobs.grid import trial_config, trial_name
 from jobs.trial import stopped_tags, train_trial
 
 STORAGE_VAR = "MNISTJOBS_STORAGE_PATH"  # Tune's storage for every job of a cluster
@@ -73,8 +76,6 @@ def resolve_storage(storage_path: str | None = None) -> str:
 
 
 def _trial_dirname(trial) -> str:
-    from jobs.grid import trial_name
-
     return f"{trial_name(trial.config)}_{trial.trial_id}"
 
 
@@ -86,76 +87,74 @@ def close_stopped_run(mlf, run_id: str, epoch: int | None, planned: int) -> None
     mlf.set_terminated(run_id, "FINISHED")
 
 
-def _progress_callback(n_trials: int, tracking_uri: str, job_id: str, experiment_id: str):
-    from ray import tune
+class Progress(tune.Callback):
+    """One line per epoch and per trial event (the job's log, followed by `submit --wait`), and
+    the MLflow run of every trial Tune stopped on purpose closed: at once for one stopped before
+    its last epoch, and at the experiment's end for any trial Tune ended without error whose run
+    is still RUNNING (stopped inside ``tune.report``: at its last epoch, or by a stopper's
+    ``stop_all``). Pickled with the tuner (``Tuner.restore`` brings it back): it holds names, not
+    clients, and never lets an MLflow error break Tune's loop (``close_trial_runs`` checks again)."""
 
-    from jobs import tracking
-    from jobs.grid import trial_config, trial_name
+    def __init__(self, n_trials: int, tracking_uri: str, job_id: str, experiment_id: str) -> None:
+        self.n_trials, self.tracking_uri, self.job_id, self.experiment_id = n_trials, tracking_uri, job_id, experiment_id
+        self.done = 0
 
-    class Progress(tune.Callback):
-        """One line per epoch and per trial event (the job's log, followed by `submit --wait`),
-        and the MLflow run of every trial Tune stopped on purpose closed. Pickled with the tuner
-        (Tuner.restore brings it back), so it holds names, not clients."""
+    @staticmethod
+    def _name(trial) -> str:
+        try:
+            return trial_name(trial.config)
+        except Exception:  # noqa: BLE001 - a config that is no point of a grid
+            return str(trial)
 
-        def __init__(self) -> None:
-            self.done = 0
+    @staticmethod
+    def _epochs(trial) -> tuple[int | None, int]:
+        """(the last epoch it reported, the epochs it plans)."""
+        return (trial.last_result or {}).get("epoch"), trial_config(trial.config).epochs
 
-        @staticmethod
-        def _name(trial) -> str:
-            try:
-                return trial_name(trial.config)
-            except Exception:  # noqa: BLE001 - a config that is no point of a grid
-                return str(trial)
+    def _close(self, trials) -> None:
+        """Close the still-RUNNING runs of ``trials`` (ended by Tune without error)."""
+        from jobs import tracking
 
-        @staticmethod
-        def _epochs(trial) -> tuple[int | None, int]:
-            """(the last epoch it reported, the epochs it plans)."""
-            return (trial.last_result or {}).get("epoch"), trial_config(trial.config).epochs
+        wanted = {t.trial_id: t for t in trials}
+        if not wanted:
+            return
+        try:
+            mlf = tracking.client(self.tracking_uri)
+            for run in tracking.job_runs(mlf, self.job_id, role="trial", experiment_ids=[self.experiment_id]):
+                trial = wanted.get(run.data.tags.get(TAG_TRIAL))
+                if trial is not None and run.info.status == "RUNNING":
+                    close_stopped_run(mlf, run.info.run_id, *self._epochs(trial))
+        except Exception as e:  # noqa: BLE001 - never break Tune's loop
+            print(f"  note: could not close the MLflow run of a stopped trial: {' '.join(str(e).split())[:200]}",
+                  flush=True)
 
-        def _close(self, trials) -> None:
-            """Close the still-RUNNING runs of ``trials`` (ended by Tune without error)."""
-            wanted = {t.trial_id: t for t in trials}
-            try:
-                mlf = tracking.client(tracking_uri)
-                for run in tracking.job_runs(mlf, job_id, role="trial", experiment_ids=[experiment_id]):
-                    trial = wanted.get(run.data.tags.get(TAG_TRIAL))
-                    if trial is not None and run.info.status == "RUNNING":
-                        close_stopped_run(mlf, run.info.run_id, *self._epochs(trial))
-            except Exception as e:  # noqa: BLE001 - never break Tune's loop; run_sweep checks again
-                print(f"  note: could not close the MLflow run of a stopped trial: {' '.join(str(e).split())[:200]}",
-                      flush=True)
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        print(f"[{self._name(trial)}] epoch {result.get('epoch')}/{self._epochs(trial)[1]}  "
+              f"train {result.get('train_acc', float('nan')):.2f}%  "
+              f"test {result.get('test_acc', float('nan')):.2f}%  "
+              f"test loss {result.get('test_loss', float('nan')):.4f}  "
+              f"lr {result.get('lr', float('nan')):.4g}  {result.get('epoch_seconds', 0):.1f}s", flush=True)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            print(f"[{self._name(trial)}] epoch {result.get('epoch')}/{self._epochs(trial)[1]}  "
-                  f"train {result.get('train_acc', float('nan')):.2f}%  "
-                  f"test {result.get('test_acc', float('nan')):.2f}%  "
-                  f"test loss {result.get('test_loss', float('nan')):.4f}  "
-                  f"lr {result.get('lr', float('nan')):.4g}  {result.get('epoch_seconds', 0):.1f}s", flush=True)
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        epoch, planned = self._epochs(trial)
+        if epoch is not None and epoch < planned:  # a stopper's or a scheduler's decision
+            print(f"[{self._name(trial)}] stopped by Tune after epoch {epoch}/{planned} ({self.done}/{self.n_trials} "
+                  f"trials done)", flush=True)
+            self._close([trial])
+        else:
+            print(f"[{self._name(trial)}] finished ({self.done}/{self.n_trials} trials done)", flush=True)
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
-            epoch, planned = self._epochs(trial)
-            if epoch is not None and epoch < planned:  # a stopper's or a scheduler's decision
-                print(f"[{self._name(trial)}] stopped by Tune after epoch {epoch}/{planned} ({self.done}/{n_trials} "
-                      f"trials done)", flush=True)
-                self._close([trial])
-            else:
-                print(f"[{self._name(trial)}] finished ({self.done}/{n_trials} trials done)", flush=True)
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        print(f"[{self._name(trial)}] failed; retrying from its last checkpoint", flush=True)
 
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            print(f"[{self._name(trial)}] failed; retrying from its last checkpoint", flush=True)
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        print(f"[{self._name(trial)}] FAILED for good ({self.done}/{self.n_trials} trials done); "
+              f"see its error in the Ray dashboard or the job log", flush=True)
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
-            print(f"[{self._name(trial)}] FAILED for good ({self.done}/{n_trials} trials done); "
-                  f"see its error in the Ray dashboard or the job log", flush=True)
-
-        def on_experiment_end(self, trials, **info):
-            # Trials ended by Tune without error whose run is still RUNNING: stopped inside
-            # tune.report (also at their last epoch, or all at once by a stopper's stop_all).
-            self._close([t for t in trials if t.status == "TERMINATED"])
-
-    return Progress()
+    def on_experiment_end(self, trials, **info):
+        self._close([t for t in trials if t.status == "TERMINATED"])
 
 
 def _or_recipe(value):
@@ -193,8 +192,6 @@ def check_resources(spec) -> float:
 def build_tuner(spec, job: dict[str, Any], storage: str, gpus: float, *, resume: bool = False, stop=None):
     """The Tune experiment ``<storage>/<job id>``: restored when ``resume`` finds it, else new,
     over ``spec.param_space(job=job)``; ``stop`` is Tune's stop criterion (None: none)."""
-    from ray import tune
-
     experiment_path = f"{storage}/{job['job_id']}"
     trainable = tune.with_resources(train_trial, {"cpu": float(spec.cpus_per_trial), "gpu": gpus})
     if resume and tune.Tuner.can_restore(experiment_path):
@@ -203,7 +200,7 @@ def build_tuner(spec, job: dict[str, Any], storage: str, gpus: float, *, resume:
                                   resume_errored=True, restart_errored=False)
     if resume:
         print(f"  nothing to restore in {experiment_path}; starting the sweep afresh", flush=True)
-    progress = _progress_callback(len(spec.points()), job["tracking_uri"], job["job_id"], job["experiment_id"])
+    progress = Progress(len(spec.points()), job["tracking_uri"], job["job_id"], job["experiment_id"])
     return tune.Tuner(
         trainable, param_space=spec.param_space(job=job),
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent or None, reuse_actors=True,

@@ -208,7 +208,7 @@ def train_trial(config: dict[str, Any]) -> None:
                                      job_id=job["job_id"], trial_id=trial_id, name=name, run_id=run_id)
         node = _start_run(run, cfg, resumed)
         data = _load_data(cfg.data_dir, node)
-        for result in fit_and_log(run, cfg, data, work, resume_from):
+        for result in _fit_and_log(run, cfg, data, work, resume_from):
             try:
                 _report(result, work, local)
             except SystemExit as stop:  # Tune stopped this trial on purpose (see the module's doc)
@@ -240,7 +240,7 @@ def _start_run(run, cfg, resumed: dict[str, Any] | None) -> str:
     return node
 
 
-def fit_and_log(run, cfg, data, work: Path, resume_from: Path | None):
+def _fit_and_log(run, cfg, data, work: Path, resume_from: Path | None):
     """``fit``'s epochs, each logged to the run and recorded in the state file before it is yielded."""
     from mnistnets.train import fit
 

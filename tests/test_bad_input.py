@@ -4,9 +4,8 @@ exit code 2, no traceback, and nothing created (no state folder, no job, no run)
 Rows that need running services (unknown job id, a port in use) are in test_service.py.
 """
 import pytest
-from click.testing import CliRunner
 
-from jobs.cli import main
+from _service_helpers import run_cli
 
 
 @pytest.fixture
@@ -49,17 +48,12 @@ ROWS = [
 
 
 @pytest.mark.parametrize("args, words", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
-def test_submit_bad_input(tmp_path, monkeypatch, synthetic_dir, bad_data, bad_yaml, args, words):
-    home = tmp_path / "home"
-    monkeypatch.setenv("MNISTJOBS_HOME", str(home))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_submit_bad_input(tmp_path, home, synthetic_dir, bad_data, bad_yaml, args, words):
     fill = {"tmp": tmp_path, "bad_data": bad_data, "bad_yaml": bad_yaml}
     args = [a.format(**fill) for a in args]
     if "--data-dir" not in args:
         args += ["--data-dir", str(synthetic_dir)]
-    r = CliRunner().invoke(main, ["submit", "--epochs", "1", *args] if "--epochs" not in args
-                           else ["submit", *args], catch_exceptions=False)
+    r = run_cli(["submit", "--epochs", "1", *args] if "--epochs" not in args else ["submit", *args])
     assert r.exit_code == 2, r.output
     assert r.output.startswith("Error: ") and "Traceback" not in r.output
     for w in words:
@@ -70,13 +64,11 @@ def test_submit_bad_input(tmp_path, monkeypatch, synthetic_dir, bad_data, bad_ya
 
 @pytest.mark.parametrize("command", [["list"], ["status", "mj-00000000"], ["logs", "mj-00000000"],
                                      ["cancel", "mj-00000000"]])
-def test_job_commands_with_unreachable_ray(tmp_path, monkeypatch, command):
-    monkeypatch.setenv("MNISTJOBS_HOME", str(tmp_path / "home"))
-    r = CliRunner().invoke(main, [*command, "--address", "http://127.0.0.1:9"], catch_exceptions=False)
+def test_job_commands_with_unreachable_ray(home, command):
+    r = run_cli([*command, "--address", "http://127.0.0.1:9"])
     assert r.exit_code == 2 and "127.0.0.1:9" in r.output and "Traceback" not in r.output
 
 
-def test_compare_with_unreachable_mlflow(tmp_path, monkeypatch):
-    monkeypatch.setenv("MNISTJOBS_HOME", str(tmp_path / "home"))
-    r = CliRunner().invoke(main, ["compare", "--tracking-uri", "http://127.0.0.1:9"], catch_exceptions=False)
+def test_compare_with_unreachable_mlflow(home):
+    r = run_cli(["compare", "--tracking-uri", "http://127.0.0.1:9"])
     assert r.exit_code == 2 and "127.0.0.1:9" in r.output and "Traceback" not in r.output

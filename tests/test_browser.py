@@ -116,6 +116,8 @@ def test_mlflow_ui_shows_the_runs_of_the_experiment(embedded, finished_sweep, ch
 
 @pytest.mark.slow
 def test_ray_dashboard_job_api_lists_the_job(embedded, finished_sweep):
+    from jobs.client import META_EXPERIMENT, META_JOB_ID, SPEC_VAR
+
     url = f"{embedded.dashboard_url}/api/jobs/"
     with urllib.request.urlopen(urllib.request.Request(url, headers=embedded.headers), timeout=10) as r:
         assert r.status == 200
@@ -125,8 +127,12 @@ def test_ray_dashboard_job_api_lists_the_job(embedded, finished_sweep):
     job = mine[0]
     assert job["status"] == "SUCCEEDED"
     assert f"--job-id {finished_sweep.job_id}" in job["entrypoint"]
-    assert job["metadata"]["mnistjobs.job_id"] == finished_sweep.job_id
-    assert job["metadata"]["mnistjobs.experiment"] == finished_sweep.experiment
+    assert job["metadata"][META_JOB_ID] == finished_sweep.job_id
+    assert job["metadata"][META_EXPERIMENT] == finished_sweep.experiment
+    assert f"--experiment-id {finished_sweep.experiment_id}" in job["entrypoint"]  # created at submit time
+    # The spec goes to the job once: in its environment, not again in its metadata.
+    assert SPEC_VAR in job["runtime_env"]["env_vars"]
+    assert not any("spec" in key for key in job["metadata"])
     # The same API without the token is refused: the dashboard's token authentication is on.
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(url, timeout=10)

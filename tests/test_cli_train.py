@@ -2,15 +2,15 @@
 import re
 
 import pytest
-from click.testing import CliRunner
 
-from jobs.cli import main
+from _service_helpers import run_cli
 
 
 @pytest.fixture
 def run(home):
+    """`mnistjobs ARGS` with the test's private state folder ($MNISTJOBS_HOME) and a clean env."""
     def _run(*args):
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        return run_cli(args)
     return _run
 
 

@@ -1,24 +1,30 @@
 """The experiment service end to end: a real local Ray head and a real MLflow server (the
-session's one set, the ``embedded`` fixture of conftest.py), tiny synthetic MNIST, CPU only."""
+session's one set, the ``embedded`` fixture of conftest.py), tiny synthetic MNIST, CPU only;
+and the job client (jobs.client) on its own, against fakes."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from _service_helpers import job_id_of, mlflow_client, run_cli, wait_for
+from _service_helpers import TINY, job_id_of, mlflow_client, run_cli, wait_for
+from jobs.contract import (CHECKPOINT_DIR, CHECKPOINT_FILES, EPOCH_METRICS as ALL_EPOCH_METRICS, LAYERS_ARTIFACT,
+                           PLOT_FILES, PLOTS_DIR, ROLE_SWEEP, ROLE_TRIAL, TAG_DEVICE, TAG_JOB, TAG_NODE, TAG_PARENT,
+                           TAG_TRIAL, TRIAL_PARAMS, sweep_run_name)
 
-CONTRACT_PARAMS = {"model", "params", "schedule", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
-                   "batch_size", "epochs", "seed", "augment", "train_limit", "test_limit", "device",
-                   "label_smoothing", "dropout", "rotation", "translate", "scale", "shear", "clean_epochs",
-                   "ema", "tta"}
-EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds", "images_per_second")
-ARTIFACTS = {"model/layers.txt", "checkpoints/last.pt", "checkpoints/best.pt", "plots/accuracy.png",
-             "plots/loss.png"}
-TINY = ["--train-limit", "256", "--test-limit", "64", "--batch-size", "32", "--schedules", "cosine"]
+# Logged at every epoch (step = epoch); the tta_* ones only after the last epoch.
+EPOCH_METRICS = tuple(m for m in ALL_EPOCH_METRICS if not m.startswith("tta_"))
+TTA_METRICS = tuple(m for m in ALL_EPOCH_METRICS if m.startswith("tta_"))
+ARTIFACTS = {LAYERS_ARTIFACT, *(f"{CHECKPOINT_DIR}/{f}" for f in CHECKPOINT_FILES),
+             *(f"{PLOTS_DIR}/{f}" for f in PLOT_FILES)}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _artifacts(mlf, run_id, path=None):
@@ -30,6 +36,11 @@ def _artifacts(mlf, run_id, path=None):
 
 def _steps(mlf, run_id, key):
     return sorted(m.step for m in mlf.get_metric_history(run_id, key))
+
+
+def _epoch_lines(output: str, trial: str) -> list[str]:
+    """The driver's "[trial] epoch E/N" lines for one trial, as "E/N", in the order printed."""
+    return re.findall(rf"^\[{re.escape(trial)}\] epoch (\d+/\d+)\b", output, flags=re.M)
 
 
 def _runs(mlf, job_id, role=None):
@@ -52,6 +63,117 @@ def test_port_in_use_is_a_clear_usage_error(tmp_path):
             assert result.exit_code == 2, result.output
             assert f"Port {port}" in result.output and option in result.output
             assert not (home / "services.json").exists()
+
+
+# ------------------------------------------------------------------- the job client, against fakes
+
+class _FakeJobs:
+    """A JobSubmissionClient's log calls: each tail_job_logs call plays the next stream (its
+    chunks, then a RuntimeError when it "breaks"); get_job_logs returns the whole log."""
+
+    def __init__(self, streams, log, status="SUCCEEDED"):
+        self.streams, self.log, self.status, self.tails = list(streams), log, status, 0
+
+    async def tail_job_logs(self, job_id):
+        self.tails += 1
+        chunks, breaks = self.streams.pop(0)
+        for chunk in chunks:
+            yield chunk
+        if breaks:
+            raise RuntimeError("WebSocket connection closed unexpectedly")
+
+    def get_job_info(self, job_id):
+        return SimpleNamespace(status=self.status)
+
+    def get_job_logs(self, job_id):
+        return self.log
+
+
+def test_follow_log_prints_each_part_once_across_a_broken_stream():
+    from jobs.client import follow_log
+
+    fake = _FakeJobs([(["a\n", "b\n"], True), (["a\nb\n", "c\n"], False)], log="a\nb\nc\nd")
+    parts = list(follow_log(fake, "mj-1", pause=0))
+    assert parts == ["a\n", "b\n", "c\n", "d"]  # the reopened stream's replay is skipped; "d" had no newline
+    assert fake.tails == 2
+
+
+def test_follow_log_of_a_job_whose_driver_never_started():
+    from jobs.client import follow_log
+
+    fake = _FakeJobs([([], False)], log="runtime_env setup failed\n", status="FAILED")
+    assert "".join(follow_log(fake, "mj-1", pause=0)) == "runtime_env setup failed\n"
+
+
+def _spec():
+    from jobs.spec import SweepSpec
+
+    return SweepSpec(models=["v0", "v2"], schedules=["cosine"], epochs=2, experiment="exp-x").validate()
+
+
+def test_the_job_carries_the_spec_once_and_the_experiment_id():
+    from jobs.client import SPEC_VAR, build_submission, stored_spec
+    from jobs.cluster import Cluster
+
+    spec = _spec()
+    cluster = Cluster("http://head:8265", {}, "http://mlflow:5000", embedded=False)
+    job = build_submission(cluster, spec, "mj-1", "7")
+    assert job["entrypoint"] == "python -m jobs.sweep --job-id mj-1 --ray-job-id mj-1 --experiment-id 7"
+    assert job["submission_id"] == "mj-1"
+    env = job["runtime_env"]["env_vars"]
+    assert env == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "PYTHONUNBUFFERED": "1", SPEC_VAR: spec.to_json()}
+    assert job["metadata"] == {"mnistjobs.job_id": "mj-1", "mnistjobs.summary": spec.summary(),
+                               "mnistjobs.experiment": "exp-x", "mnistjobs.experiment_id": "7",
+                               "mnistjobs.tracking_uri": "http://mlflow:5000"}
+    # resume reads it back from the job's runtime_env, as get_job_info returns it
+    info = SimpleNamespace(submission_id="mj-1", runtime_env=job["runtime_env"], metadata=job["metadata"])
+    assert stored_spec(info).to_dict() == spec.to_dict()
+
+    again = build_submission(cluster, spec, "mj-1", "7", ray_job_id="mj-1-r1", resume_of="mj-1")
+    assert again["entrypoint"].endswith("--ray-job-id mj-1-r1 --experiment-id 7 --resume")
+    assert again["submission_id"] == "mj-1-r1" and again["metadata"]["mnistjobs.resume_of"] == "mj-1"
+
+
+def test_resume_refuses_a_job_that_mnistjobs_did_not_submit():
+    from jobs.client import JobUsageError, stored_spec
+
+    for runtime_env, metadata in [({}, {}), ({"env_vars": {"OTHER": "1"}}, {"mnistjobs.job_id": "mj-1"}),
+                                  ({"env_vars": {"MNISTJOBS_SPEC": "{}"}}, {})]:
+        info = SimpleNamespace(submission_id="raysubmit_1", runtime_env=runtime_env, metadata=metadata)
+        with pytest.raises(JobUsageError, match="not submitted by mnistjobs"):
+            stored_spec(info)
+    info = SimpleNamespace(submission_id="mj-1", runtime_env={"env_vars": {"MNISTJOBS_SPEC": "{not json"}},
+                           metadata={"mnistjobs.job_id": "mj-1"})
+    with pytest.raises(JobUsageError, match="stored spec is unusable"):
+        stored_spec(info)
+
+
+_IMPORTS = """
+import sys
+from click.testing import CliRunner
+from jobs.cli import main
+r = CliRunner().invoke(main, sys.argv[1:])
+assert r.exit_code in (0, 2), r.output
+print("torch" in sys.modules)
+"""
+
+
+def _imports_torch(*args) -> bool:
+    out = subprocess.run([sys.executable, "-c", _IMPORTS, *args], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip() == "True"
+
+
+def test_help_does_not_import_torch():
+    assert not _imports_torch("--help")
+    assert not _imports_torch("submit", "--help")
+
+
+@pytest.mark.parametrize("command", ["list", "status", "logs", "cancel"])
+def test_job_commands_do_not_import_torch(command):
+    args = [command] + ([] if command == "list" else ["mj-00000000"])
+    assert not _imports_torch(*args, "--address", "http://127.0.0.1:9")
 
 
 # ---------------------------------------------------------------------- with the embedded services
@@ -95,27 +217,34 @@ def test_submit_wait_records_every_trial_in_mlflow(embedded, synthetic_dir):
     assert f"{embedded.dashboard_url}/#/jobs/{job}" in result.output
     assert f"{embedded.mlflow_url}/#/experiments/" in result.output
     assert "SUCCEEDED" in result.output
+    # --wait streams the driver's log: each trial's epochs once each, in order; then the trials
+    # table, and the job's final state last.
+    for trial in ("v0-cosine-s1", "v2-cosine-s1"):
+        assert _epoch_lines(result.stdout, trial) == ["1/2", "2/2"], result.stdout
+    assert result.stdout.rstrip().endswith(f"Job {job} SUCCEEDED: every trial finished."), result.stdout
 
     mlf = mlflow_client(embedded)
-    (parent,) = _runs(mlf, job, "sweep")
-    assert parent.info.run_name == f"sweep-{job}" and parent.info.status == "FINISHED"
-    trials = {r.info.run_name: r for r in _runs(mlf, job, "trial")}
+    (parent,) = _runs(mlf, job, ROLE_SWEEP)
+    assert parent.info.run_name == sweep_run_name(job) and parent.info.status == "FINISHED"
+    trials = {r.info.run_name: r for r in _runs(mlf, job, ROLE_TRIAL)}
     assert set(trials) == {"v0-cosine-s1", "v2-cosine-s1"}
     for name, run in trials.items():
         model = name.split("-")[0]
         assert run.info.status == "FINISHED"
         assert run.info.experiment_id == parent.info.experiment_id
         tags = run.data.tags
-        assert tags["mlflow.parentRunId"] == parent.info.run_id
-        assert tags["mnistjobs.job_id"] == job and tags["mnistjobs.trial_id"]
-        assert tags["mnistjobs.device"] == "cpu" and tags["mnistjobs.node"]
+        assert tags[TAG_PARENT] == parent.info.run_id
+        assert tags[TAG_JOB] == job and tags[TAG_TRIAL]
+        assert tags[TAG_DEVICE] == "cpu" and tags[TAG_NODE]
         params = run.data.params
-        assert set(params) == CONTRACT_PARAMS
+        assert set(params) == set(TRIAL_PARAMS)
         assert params["model"] == model and params["params"] == str(count_parameters(create_model(model)))
         assert (params["epochs"], params["seed"], params["batch_size"], params["train_limit"]) == ("2", "1", "32", "256")
         assert params["schedule"] == "cosine" and params["device"] == "cpu"
         for key in EPOCH_METRICS:
             assert _steps(mlf, run.info.run_id, key) == [1, 2], key  # each epoch exactly once
+        for key in TTA_METRICS:  # the recipe's shift8 test-time augmentation, after the last epoch
+            assert _steps(mlf, run.info.run_id, key) == [2], key
         assert _artifacts(mlf, run.info.run_id) >= ARTIFACTS
         local = Path(mlf.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(Path(embedded.home) / "dl" / name)))
         assert load_checkpoint(local)["epoch"] == 2
@@ -128,6 +257,20 @@ def test_submit_wait_records_every_trial_in_mlflow(embedded, synthetic_dir):
     assert listing.exit_code == 0 and job in listing.output
     logs = run_cli(["logs", job], home=embedded.home)
     assert logs.exit_code == 0 and "[v0-cosine-s1] epoch 2/2" in logs.output
+    assert logs.stdout in result.stdout  # --wait printed the whole log, once
+    # --follow of a job that has ended prints its whole log (the same text), then its state.
+    follow = run_cli(["logs", job, "--follow"], home=embedded.home)
+    assert follow.exit_code == 0, follow.output
+    assert follow.stdout == logs.stdout
+    for trial in ("v0-cosine-s1", "v2-cosine-s1"):
+        assert _epoch_lines(follow.stdout, trial) == ["1/2", "2/2"], follow.stdout
+    assert follow.output.rstrip().endswith(f"[job {job} SUCCEEDED]"), follow.output
+    # ... and it came over the job API's websocket (with the token), not only the final read.
+    from jobs import client as jc
+    from jobs.cluster import Cluster, job_client
+
+    client = job_client(Cluster(embedded.dashboard_url, embedded.headers, embedded.mlflow_url, True, embedded))
+    assert "".join(jc._tail(client, job)) == client.get_job_logs(job)  # raw: click strips Ray's colours
 
 
 @pytest.mark.slow
@@ -140,7 +283,7 @@ def test_cancel_leaves_runs_killed_and_resume_finishes_them(embedded, synthetic_
     mlf = mlflow_client(embedded)
 
     def training():
-        runs = _runs(mlf, job, "trial")
+        runs = _runs(mlf, job, ROLE_TRIAL)
         return len(runs) == 2 and all(_steps(mlf, r.info.run_id, "test_acc") for r in runs)
 
     wait_for(training, 120, what="both trials to log an epoch")
@@ -149,15 +292,18 @@ def test_cancel_leaves_runs_killed_and_resume_finishes_them(embedded, synthetic_
     assert "STOPPED" in result.output
     runs = _runs(mlf, job)
     assert len(runs) == 3 and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
-    done_before = {r.info.run_name: max(_steps(mlf, r.info.run_id, "test_acc")) for r in _runs(mlf, job, "trial")}
+    done_before = {r.info.run_name: max(_steps(mlf, r.info.run_id, "test_acc")) for r in _runs(mlf, job, ROLE_TRIAL)}
     assert all(n < epochs for n in done_before.values()), done_before
 
     result = run_cli(["resume", job, "--wait"], home=embedded.home)
     assert result.exit_code == 0, result.output
     assert f"Submitted job {job}-r1" in result.output
+    for name in done_before:  # the resumed job's log, streamed: each remaining epoch once, in order
+        done = [int(e.split("/")[0]) for e in _epoch_lines(result.stdout, name)]
+        assert done and done == list(range(done[0], epochs + 1)), (name, result.stdout)
     runs = _runs(mlf, job)
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # the same runs, no duplicates
-    for run in _runs(mlf, job, "trial"):
+    for run in _runs(mlf, job, ROLE_TRIAL):
         for key in EPOCH_METRICS:
             assert _steps(mlf, run.info.run_id, key) == list(range(1, epochs + 1)), (run.info.run_name, key)
 
