@@ -192,12 +192,14 @@ def test_token_auth_on_the_dashboard(embedded):
     assert stat.S_IMODE(Path(embedded.token_path).stat().st_mode) == 0o600
     assert stat.S_IMODE((home / "services.json").stat().st_mode) == 0o600
     # Ray's servers read the token from the state folder.
-    ray_servers = [p for p in services.service_pids(embedded)
-                   if any(n in Path(f"/proc/{p}/cmdline").read_bytes() for n in (b"gcs_server", b"raylet"))]
+    import psutil
+
+    ray_servers = [psutil.Process(p) for p in services.service_pids(embedded)
+                   if any(n in " ".join(psutil.Process(p).cmdline()) for n in ("gcs_server", "raylet"))]
     assert len(ray_servers) >= 2
-    for pid in ray_servers:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        assert f"RAY_AUTH_TOKEN_PATH={embedded.token_path}".encode() in env and b"RAY_AUTH_MODE=token" in env
+    for proc in ray_servers:
+        env = proc.environ()
+        assert env.get("RAY_AUTH_TOKEN_PATH") == str(embedded.token_path) and env.get("RAY_AUTH_MODE") == "token"
     # `up` again reuses the running services.
     result = run_cli(["up"], home=embedded.home)
     assert result.exit_code == 0 and "Already running" in result.output and embedded.dashboard_url in result.output
