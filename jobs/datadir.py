@@ -14,18 +14,17 @@ from pathlib import Path
 from typing import Iterator
 
 from jobs.state import HOME_VAR, resolve_home
-from mnistnets.data import MNIST, DataError, check_mnist, ensure_downloaded, has_mnist, load_mnist
+from mnistnets.data import MNIST, MNIST_FILES, DataError, check_mnist, ensure_downloaded, has_mnist, load_mnist
 
 DATA_VAR = "MNISTJOBS_DATA_DIR"
 DATA_OPTION = "--data-dir"
-_FILES = ("train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-          "t10k-labels-idx1-ubyte")
+_NAMES = list(MNIST_FILES.values())
+_LISTED = ", ".join(_NAMES)                                  # "a, b, c, d"
+_FILES = f"{', '.join(_NAMES[:-1])} and {_NAMES[-1]}"        # "a, b, c and d"
 #: What to change when a data folder is wrong: appended to mnistnets' DataError messages.
 FIX_HINT = (
     f"Point {DATA_OPTION} or {DATA_VAR} at a folder holding the four MNIST files "
-    "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-    "t10k-labels-idx1-ubyte; each raw or .gz), or leave both unset to download MNIST "
-    "into the state folder."
+    f"({_LISTED}; each raw or .gz), or leave both unset to download MNIST into the state folder."
 )
 
 
@@ -53,9 +52,8 @@ def _given_folder(data_dir) -> Path | None:
             raise DataError(
                 f"MNIST data folder {folder} (from {origin}) does "
                 f"{'not exist' if not folder.exists() else 'not name a folder'}. Point {origin} at "
-                f"a folder holding the four MNIST IDX files (train-images-idx3-ubyte, "
-                f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; raw or "
-                f".gz), or unset it to download MNIST into the state folder."
+                f"a folder holding the four MNIST IDX files ({_LISTED}; raw or .gz), or unset it to "
+                f"download MNIST into the state folder."
             )
         return folder
     return None

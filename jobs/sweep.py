@@ -10,7 +10,7 @@ last checkpoint, finished ones are not repeated.
 Tune gets the spec's ``param_space`` (``jobs.spec``: each axis a ``tune.grid_search``, fixed
 settings plain values); a trial (``jobs.trial.train_trial``) builds its TrainConfig from the
 point it is given. The driver: the parent MLflow run (:func:`open_sweep_run`), a resource check,
-the tuner (:func:`build_tuner`), then the runs' final state (:func:`close_trial_runs`).
+the tuner (:func:`build_tuner`), then the runs' final state (``tracking.end_job_runs``).
 
 Stopped on purpose: a trial Tune stops (a stopper, a scheduler's STOP) ends FINISHED, tagged
 ``mnistjobs.stopped_early=true`` and ``mnistjobs.stopped_at_epoch=E`` (the epochs it trained
@@ -37,7 +37,7 @@ from typing import Any
 
 from ray import tune
 
-from jobs.contract import TAG_TRIAL
+from jobs.contract import ROLE_TRIAL, TAG_TRIAL
 from jobs.grid import trial_config, trial_name
 from jobs.trial import stopped_tags, train_trial
 
@@ -93,7 +93,7 @@ class Progress(tune.Callback):
     its last epoch, and at the experiment's end for any trial Tune ended without error whose run
     is still RUNNING (stopped inside ``tune.report``: at its last epoch, or by a stopper's
     ``stop_all``). Pickled with the tuner (``Tuner.restore`` brings it back): it holds names, not
-    clients, and never lets an MLflow error break Tune's loop (``close_trial_runs`` checks again)."""
+    clients, and never lets an MLflow error break Tune's loop (``run_sweep`` checks again)."""
 
     def __init__(self, n_trials: int, tracking_uri: str, job_id: str, experiment_id: str) -> None:
         self.n_trials, self.tracking_uri, self.job_id, self.experiment_id = n_trials, tracking_uri, job_id, experiment_id
@@ -213,19 +213,6 @@ def build_tuner(spec, job: dict[str, Any], storage: str, gpus: float, *, resume:
             callbacks=[progress]))
 
 
-def close_trial_runs(mlf, job_id: str, experiment_id: str) -> int:
-    """After Tune: trials that finished (or were stopped on purpose) closed their runs; any still
-    RUNNING failed for good and is marked FAILED. Returns how many."""
-    from jobs import tracking
-
-    failed = 0
-    for run in tracking.job_runs(mlf, job_id, role="trial", experiment_ids=[experiment_id]):
-        if run.info.status == "RUNNING":
-            mlf.set_terminated(run.info.run_id, "FAILED")
-            failed += 1
-    return failed
-
-
 def _tune_environment() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables; our callback prints
@@ -279,7 +266,9 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     start = time.perf_counter()
     results = tuner.fit()
     errors = results.num_errors
-    failed = close_trial_runs(mlf, job_id, experiment_id)
+    # Trials that finished (or were stopped on purpose) closed their runs; any still RUNNING
+    # failed for good.
+    failed = tracking.end_job_runs(mlf, job_id, "FAILED", experiment_ids=[experiment_id], role=ROLE_TRIAL)
     ok = errors == 0 and failed == 0
     sweep_run.finish("FINISHED" if ok else "FAILED")
     print(f"mnistjobs sweep {job_id}: {len(results)} trial{'s' if len(results) != 1 else ''}, {errors} failed, "

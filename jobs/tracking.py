@@ -72,10 +72,11 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 
 def end_job_runs(mlf: "MlflowClient", job_id: str, status: str = "KILLED",
-                 experiment_ids: list[str] | None = None) -> int:
-    """Set every still-RUNNING run of a job (sweep and trials) to ``status``; return how many."""
+                 experiment_ids: list[str] | None = None, role: str | None = None) -> int:
+    """Set every still-RUNNING (or SCHEDULED) run of a job to ``status``: the sweep's and the
+    trials', or only those of ``role``; return how many."""
     n = 0
-    for run in job_runs(mlf, job_id, experiment_ids=experiment_ids):
+    for run in job_runs(mlf, job_id, role=role, experiment_ids=experiment_ids):
         if run.info.status in ("RUNNING", "SCHEDULED"):
             mlf.set_terminated(run.info.run_id, status)
             n += 1
