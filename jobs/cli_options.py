@@ -2,7 +2,8 @@
 and job-client errors to exit codes, and the options that more than one command takes (the
 training recipe, --home, --address, --tracking-uri).
 
-Imports click only: --help texts repeat the recipe's defaults without importing torch.
+Imports click (and the limits of jobs.spec, which imports no torch): --help texts repeat the
+recipe's defaults without importing torch.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import contextlib
 from typing import Iterator
 
 import click
+
+from jobs.spec import MAX_EPOCHS
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -36,6 +39,14 @@ def service_errors() -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
 
 
+def _at_most_max_epochs(ctx, param, value):
+    """--epochs past MAX_EPOCHS: a usage error before anything else runs (the lower bound is left
+    to the spec's and the recipe's own checks, which name it the same way)."""
+    if value is not None and value > MAX_EPOCHS:
+        raise UsageFailure(f"--epochs must be a whole number from 1 to {MAX_EPOCHS}, not {value}.")
+    return value
+
+
 def recipe_options(func):
     """The training-recipe options shared by `train` and `submit`.
 
@@ -46,7 +57,8 @@ def recipe_options(func):
     meaning "the recipe's default".
     """
     options = [
-        click.option("--epochs", type=int, default=None, help="Epochs per run  [default: 15]"),
+        click.option("--epochs", type=int, default=None, callback=_at_most_max_epochs,
+                     help=f"Epochs per run, at most {MAX_EPOCHS}  [default: 15]"),
         click.option("--batch-size", type=int, default=None, help="Training batch size  [default: 128; v0: 64]"),
         click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default=None,
                      help="Optimizer  [default: sgd, Nesterov momentum 0.9]"),

@@ -22,15 +22,23 @@ TrainConfig (``recipe_for``) and its name (``v2-onecycle-s1``). A YAML file look
     optimizer: sgd
     augment: true
     gpus_per_trial: 0.25      # null: 0.25 when the cluster has GPUs, else 0
+    priority: 5               # the job queue's order, -1000..1000, higher first  [default: 0]
     train:                    # any other TrainConfig setting, for every trial
       weight_decay: 0.0005
       lr: [0.05, 0.1]         # a list: one more grid axis (trials named ...-lr0.05, ...-lr0.1)
+
+Every input gets an answer at once: a job has at most MAX_TRIALS trials (counted from the axes'
+lengths before any point is built) of at most MAX_EPOCHS epochs, and a sweep file is a regular
+file of at most MAX_SPEC_BYTES whose YAML holds at most MAX_SPEC_VALUES values.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
+import reprlib
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,6 +47,23 @@ from jobs.contract import DEFAULT_EXPERIMENT
 from jobs.grid import GRID_AXES, NAMING_KEY, recipe_schedule, trial_config, trial_name
 
 AUTO_GPU_FRACTION = 0.25
+#: At most this many trials in one job (4 models x 7 schedules x 10 seeds = 280 fit): a typo such as
+#: ``--seeds 1000000`` is refused at once, from the axes' lengths, before any trial is built.
+MAX_TRIALS = 1000
+#: At most this many epochs per trial (``--epochs``, ``epochs:``).
+MAX_EPOCHS = 1000
+#: A sweep file (``--config``) is a regular file of at most this many bytes (256 KiB: YAML parses at
+#: 0.1-0.2 MB/s without libyaml, so even that answers in about 2 s) ...
+MAX_SPEC_BYTES = 256 * 1024
+#: ... whose YAML holds at most this many values (an anchor's values count at each alias): a file
+#: of aliases to aliases cannot expand into billions.
+MAX_SPEC_VALUES = 20_000
+#: A job's priority in the queue (higher first): a whole number in this range, default 0.
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+
+_brief = reprlib.Repr()  # values in messages: a long list or string is cut short, never printed whole
+_brief.maxlist = _brief.maxtuple = _brief.maxdict = 8
+_brief.maxstring = _brief.maxother = 80
 
 
 class SpecError(ValueError):
@@ -110,6 +135,7 @@ class SweepSpec:
     cpus_per_trial: float = 1.0
     max_concurrent: int | None = None    # None or 0: as many as the resources allow
     max_failures: int = 2                # retries of a trial from its last checkpoint; -1: forever
+    priority: int = 0                    # the job queue's order, higher first; no trial setting
     experiment: str = DEFAULT_EXPERIMENT
     storage_path: str | None = None      # Tune's storage; None: <state folder>/ray_results
     train: dict[str, Any] = field(default_factory=dict)  # other TrainConfig settings, every trial
@@ -139,18 +165,25 @@ class SweepSpec:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "SweepSpec":
+        """From a sweep file: a regular file of at most MAX_SPEC_BYTES, UTF-8 YAML holding at most
+        MAX_SPEC_VALUES values. Anything else (a device such as /dev/zero, a FIFO, a folder, a
+        bigger file) is a SpecError before more than that is read."""
         import yaml
 
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise SpecError(f"Cannot read the sweep file {path}: {e.strerror or e}.") from None
-        try:
-            values = yaml.safe_load(text)
+        text = _read_spec_file(path)
+        try:  # libyaml's loader where PyYAML has it (5x faster), else the pure-Python one: same types
+            values = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except yaml.YAMLError as e:
             detail = " ".join(str(e).split())
             raise SpecError(f"The sweep file {path} is not valid YAML: {detail}") from None
+        except RecursionError:
+            raise SpecError(f"The sweep file {path} nests its values too deeply to be a sweep spec "
+                            f"(models: ..., epochs: ...).") from None
+        if _count_values(values, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:
+            raise SpecError(f"The sweep file {path} holds more than {MAX_SPEC_VALUES:,} values (counting "
+                            f"each use of a YAML alias); a sweep spec needs a few dozen (at most "
+                            f"{MAX_TRIALS} trials per job).")
         return cls.from_mapping(values or {}, origin=f"the sweep file {path}")
 
     def update(self, values: dict[str, Any]) -> "SweepSpec":
@@ -187,7 +220,8 @@ class SweepSpec:
         return self
 
     def _validate_axes(self) -> None:
-        """The models, the schedules, the seeds and the ``train:`` lists."""
+        """The models, the schedules, the seeds and the ``train:`` lists; then the number of
+        trials (from the axes' lengths: nothing is built yet), then each schedule."""
         from mnistnets import list_models
         from mnistnets.schedules import ScheduleError, parse_schedule
 
@@ -197,37 +231,70 @@ class SweepSpec:
             raise SpecError(f"No model given; choose from {', '.join(valid_models)} or 'all' (--models).")
         unknown = [m for m in self.models if m not in valid_models]
         if unknown:
-            raise SpecError(f"Unknown model {unknown[0]!r} (--models); valid models: "
+            raise SpecError(f"Unknown model {_brief.repr(unknown[0])} (--models); valid models: "
                             f"{', '.join(valid_models)}, or 'all'.")
         self.schedules = split_schedules(self.schedules)
+        if isinstance(self.seeds, list):
+            if not self.seeds or not all(_is_int(s) and s >= 0 for s in self.seeds):
+                raise SpecError(f"seeds must be a number N >= 1 (seeds 1..N) or a list of seeds >= 0, "
+                                f"not {_brief.repr(self.seeds)}.")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise SpecError(f"seeds lists a seed twice ({_brief.repr(self.seeds)}); each seed runs once "
+                                f"per (model, schedule).")
+        else:
+            self._check_int("seeds", 1, "--seeds")
+        for name, values in self.train.items():
+            if not isinstance(values, (list, tuple)):
+                continue
+            if not all(v is None or isinstance(v, (str, int, float)) for v in values):
+                raise SpecError(f"train: {name}: a list is a grid axis of plain values (numbers, strings, "
+                                f"true/false), not {_brief.repr(list(values))}.")
+            if not values or len(set(map(repr, values))) != len(values):
+                raise SpecError(f"train: {name}: a list is a grid axis of distinct values (one trial per value), "
+                                f"not {_brief.repr(list(values))}.")
+        self._check_trial_count()
         for spec in self.schedules:
             try:
                 parse_schedule(spec)
             except ScheduleError as e:
                 raise SpecError(f"Bad schedule (--schedules): {e}.") from None
-        twice = sorted({s for s in self.schedules if self.schedules.count(s) > 1})
-        if twice:
-            raise SpecError(f"schedules lists {twice[0]!r} twice (--schedules); each schedule runs once per "
-                            f"(model, seed).")
-        if isinstance(self.seeds, list):
-            if not self.seeds or not all(_is_int(s) and s >= 0 for s in self.seeds):
-                raise SpecError(f"seeds must be a number N >= 1 (seeds 1..N) or a list of seeds >= 0, "
-                                f"not {self.seeds!r}.")
-            if len(set(self.seeds)) != len(self.seeds):
-                raise SpecError(f"seeds lists a seed twice ({self.seeds!r}); each seed runs once per "
-                                f"(model, schedule).")
-        else:
-            self._check_int("seeds", 1, "--seeds")
-        for name, values in self.train.items():
-            if isinstance(values, (list, tuple)) and (not values or len(set(map(repr, values))) != len(values)):
-                raise SpecError(f"train: {name}: a list is a grid axis of distinct values (one trial per value), "
-                                f"not {list(values)!r}.")
+        seen: set[str] = set()
+        for spec in self.schedules:
+            if spec in seen:
+                raise SpecError(f"schedules lists {spec!r} twice (--schedules); each schedule runs once per "
+                                f"(model, seed).")
+            seen.add(spec)
+
+    def _axis_sizes(self) -> dict[str, int]:
+        """Each axis's length, computed without building it (``seeds: 1000000`` is a number)."""
+        sizes = {"model": len(split_models(self.models))}
+        schedules = split_schedules(self.schedules)
+        if schedules:
+            sizes["schedule"] = len(schedules)
+        sizes["seed"] = len(self.seeds) if isinstance(self.seeds, list) else int(self.seeds)
+        sizes.update({name: len(values) for name, values in self.train.items() if isinstance(values, (list, tuple))})
+        return sizes
+
+    def trial_count(self) -> int:
+        """How many trials the grid of a validated spec has: the product of the axes' lengths (no
+        trial is built; ``validate`` refuses more than MAX_TRIALS before it builds any)."""
+        return math.prod(self._axis_sizes().values())
+
+    def _check_trial_count(self) -> None:
+        sizes = self._axis_sizes()
+        count = math.prod(sizes.values())
+        if count > MAX_TRIALS:
+            words = {"model": "models", "schedule": "schedules", "seed": "seeds"}
+            parts = " x ".join(f"{n} {words.get(axis, 'values of train: ' + axis)}" for axis, n in sizes.items())
+            raise SpecError(f"The sweep has {count:,} trials ({parts}); a job runs at most {MAX_TRIALS}. "
+                            f"Give fewer seeds (--seeds), models, schedules or train: values, or split the "
+                            f"sweep into several jobs.")
 
     def _validate_settings(self) -> None:
         """The settings every trial shares, and where it runs."""
         from mnistnets.train import OPTIMIZERS, is_number
 
-        self._check_int("epochs", 1, "--epochs")
+        self._check_int("epochs", 1, "--epochs", maximum=MAX_EPOCHS)
         if self.batch_size is not None:
             self._check_int("batch_size", 1, "--batch-size")
         for name, option in (("train_limit", "--train-limit"), ("test_limit", "--test-limit")):
@@ -249,6 +316,7 @@ class SweepSpec:
         if self.max_concurrent is not None:
             self._check_int("max_concurrent", 0, "--max-concurrent")
         self._check_int("max_failures", -1, "--max-failures")
+        self._check_int("priority", MIN_PRIORITY, "priority (--priority)", maximum=MAX_PRIORITY)
         if not isinstance(self.experiment, str) or not self.experiment.strip():
             raise SpecError("--experiment must be a non-empty name.")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
@@ -275,10 +343,14 @@ class SweepSpec:
         if len(set(names)) != len(names):  # pragma: no cover - the axes keep names unique
             raise SpecError("two trials have the same name")
 
-    def _check_int(self, name: str, minimum: int, option: str) -> None:
+    def _check_int(self, name: str, minimum: int, option: str, maximum: int | None = None) -> None:
         value = getattr(self, name)
-        if not _is_int(value) or value < minimum:
-            raise SpecError(f"{option} must be a whole number >= {minimum}, not {value!r}.")
+        if maximum is None:
+            if not _is_int(value) or value < minimum:
+                raise SpecError(f"{option} must be a whole number >= {minimum}, not {_brief.repr(value)}.")
+        elif not _is_int(value) or not minimum <= value <= maximum:
+            raise SpecError(f"{option} must be a whole number from {minimum} to {maximum}, "
+                            f"not {_brief.repr(value)}.")
 
     # ------------------------------------------------------------------ expansion
 
@@ -364,7 +436,7 @@ class SweepSpec:
         seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else (
             f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
             else "seeds " + ",".join(map(str, seeds)))
-        n = len(self.points())
+        n = self.trial_count()
         others = "".join(f" x {name} {', '.join(map(str, values))}" for name, values in self.axes().items()
                          if name not in GRID_AXES)
         return (f"{n} trial{'s' if n != 1 else ''}: {', '.join(split_models(self.models))} x "
@@ -391,6 +463,67 @@ class SweepSpec:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_spec_file(path: Path) -> str:
+    """A sweep file's text: a regular file of at most MAX_SPEC_BYTES, read no further than that.
+    Opened without blocking (a FIFO with no writer) and checked on the open file itself."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise SpecError(f"Cannot read the sweep file {path}: {e.strerror or e}.") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = ("a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
+                    else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+                    else "a socket" if stat.S_ISSOCK(info.st_mode) else "no regular file")
+            raise SpecError(f"The sweep file {path} is {kind}; --config takes a YAML file "
+                            f"(models: ..., epochs: ...) of at most {MAX_SPEC_BYTES // 1024} KiB.")
+        if info.st_size > MAX_SPEC_BYTES:
+            raise SpecError(_too_big(path, info.st_size))
+        chunks: list[bytes] = []
+        left = MAX_SPEC_BYTES + 1  # bounded: a file that grows meanwhile is cut here
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+    except OSError as e:
+        raise SpecError(f"Cannot read the sweep file {path}: {e.strerror or e}.") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(_too_big(path, None))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"The sweep file {path} is not UTF-8 text (byte {e.start}): --config takes a "
+                        f"YAML file (models: ..., epochs: ...).") from None
+
+
+def _too_big(path: Path, size: int | None) -> str:
+    what = f"{size:,} bytes" if size is not None else f"more than {MAX_SPEC_BYTES:,} bytes"
+    return (f"The sweep file {path} is {what}; a sweep file is at most {MAX_SPEC_BYTES:,} bytes "
+            f"({MAX_SPEC_BYTES // 1024} KiB): models, schedules, seeds and settings take a few lines.")
+
+
+def _count_values(value: Any, limit: int) -> int:
+    """How many values ``value`` holds (itself included; a value reached twice through a YAML
+    alias counts twice), counting no further than just past ``limit``: bounded work either way."""
+    count = 1
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            count += 2 * len(item) if isinstance(item, dict) else len(item)
+            if count > limit:  # counted before anything is pushed: the work stays bounded
+                break
+            stack.extend(itertools.chain(item.keys(), item.values()) if isinstance(item, dict) else item)
+    return count
 
 
 def format_trial_table(spec: SweepSpec, gpus: float | None = None) -> str:

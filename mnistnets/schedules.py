@@ -236,6 +236,7 @@ class Scheduler:
         kind = SCHEDULES[self.name]
         self.per_batch = kind.per_batch
         self.optimizer = optimizer
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         warmup_epochs = options.pop("warmup", 0.0)
         self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
         # The warmup's steps come out of the main schedule's length.
@@ -307,13 +308,37 @@ def build_scheduler(spec: str, optimizer: torch.optim.Optimizer, epochs: int,
     return Scheduler(spec, optimizer, epochs, steps_per_epoch)
 
 
-def check_schedule(spec: str, *, lr: float, epochs: int, steps_per_epoch: int) -> None:
-    """Build ``spec`` for a run of ``epochs`` x ``steps_per_epoch`` batches at ``lr`` and step it
-    through the whole run as the trainer does, on a throwaway optimizer (one parameter, SGD).
+#: A run of at most this many batches is checked by stepping it whole, as the trainer does (a few
+#: tens of ms); a longer run is checked at a bounded set of representative batches instead, so that
+#: the check costs the same for 15 epochs as for 10**8.
+CHECK_WHOLE_BATCHES = 20_000
+#: A longer run's first batches, stepped whole like a short run: the warmup's start, the first
+#: epochs' boundaries and every code path of the stepping, on the real scheduler.
+CHECK_PREFIX_BATCHES = 4_000
+#: ... then this many batches spread evenly over the whole run, plus the schedule's turning points
+#: (the warmup's end, 1cycle's phase ends, step and milestone epochs, the last batches), each at the
+#: lr torch's closed form gives it (the lr stepping would reach, to within float rounding).
+CHECK_SAMPLES = 512
 
-    Raises ScheduleError if the spec is bad, torch refuses it, or the lr it gives any batch is
-    not a finite number >= 0: a training config can be checked before any training starts.
-    Cheap: a few tens of ms for 15 epochs x 938 batches of a per-batch schedule.
+#: torch schedulers whose lr at step k has a closed form (OneCycleLR's get_lr reads its step
+#: number; the others have _get_closed_form_lr). Exact types: a subclass may compute otherwise.
+_CLOSED_FORM = (lr_scheduler.CosineAnnealingLR, lr_scheduler.StepLR, lr_scheduler.MultiStepLR,
+                lr_scheduler.ExponentialLR)
+
+
+def check_schedule(spec: str, *, lr: float, epochs: int, steps_per_epoch: int) -> None:
+    """Build ``spec`` for a run of ``epochs`` x ``steps_per_epoch`` batches at ``lr`` on a
+    throwaway optimizer (one parameter, SGD) and check the lr every batch would train at.
+
+    Raises ScheduleError if the spec is bad, torch refuses it, or the lr it gives a batch is not
+    a finite number >= 0: a training config can be checked before any training starts.
+
+    A run of at most CHECK_WHOLE_BATCHES batches is stepped whole, as the trainer steps it. A
+    longer one is built at its real length, its first CHECK_PREFIX_BATCHES batches are stepped,
+    and the lr of CHECK_SAMPLES batches spread over the rest, plus every turning point of the
+    schedule, is computed in closed form: the cost does not grow with the run's length (a few
+    tens of ms either way). A main schedule with no closed form is checked by the prefix alone:
+    plateau, whose lr torch only ever lowers and clamps at min_lr >= 0, and any kind added later.
     """
     name, _ = parse_schedule(spec)
     for what, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
@@ -322,26 +347,113 @@ def check_schedule(spec: str, *, lr: float, epochs: int, steps_per_epoch: int) -
     if (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr)
             or lr < 0):
         raise ScheduleError(f"schedule {name!r}: lr must be a finite number >= 0, not {lr!r}")
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(lr))
-    group = optimizer.param_groups[0]
+    total = epochs * steps_per_epoch
     where = "building it"
     try:
         with warnings.catch_warnings():
             # torch warns when a scheduler steps before its optimizer has: nothing trains here.
             warnings.simplefilter("ignore")
-            sched = build_scheduler(spec, optimizer, epochs, steps_per_epoch)
-            for epoch in range(1, epochs + 1):
-                for batch in range(1, steps_per_epoch + 1):
-                    where = f"epoch {epoch}, batch {batch}"
-                    value = group["lr"]
-                    if not (value >= 0 and math.isfinite(value)):  # also False for nan
-                        raise ValueError(f"the lr would be {value}")
-                    sched.step_batch()
-                where = f"the end of epoch {epoch}"
-                sched.step_epoch(1.0)  # a loss that never improves: plateau reduces all it can
+            sched = _throwaway(spec, lr, epochs, steps_per_epoch)
+            group = sched.optimizer.param_groups[0]
+            whole = total <= CHECK_WHOLE_BATCHES
+            last = total if whole else CHECK_PREFIX_BATCHES
+            for b in range(last):
+                where = _batch_where(b, steps_per_epoch)
+                _check_lr(group["lr"])
+                sched.step_batch()
+                if (b + 1) % steps_per_epoch == 0:
+                    where = f"the end of epoch {(b + 1) // steps_per_epoch}"
+                    sched.step_epoch(1.0)  # a loss that never improves: plateau reduces all it can
+            if not whole:
+                where = "building it"
+                fresh = _throwaway(spec, lr, epochs, steps_per_epoch)
+                for b in _representative_batches(fresh, epochs, steps_per_epoch):
+                    where = _batch_where(b, steps_per_epoch)
+                    value = lr_at(fresh, b)
+                    if value is not None:
+                        _check_lr(value)
     except ScheduleError:
         raise
     except Exception as exc:  # ValueError, ZeroDivisionError, ...: whatever torch raises
         raise ScheduleError(
             f"schedule {spec!r} fails at {where} of a run of {epochs} epochs x {steps_per_epoch} "
             f"batches at lr {lr}: {type(exc).__name__}: {exc}") from None
+
+
+def _throwaway(spec: str, lr: float, epochs: int, steps_per_epoch: int) -> Scheduler:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(lr))
+    return build_scheduler(spec, optimizer, epochs, steps_per_epoch)
+
+
+def _check_lr(value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):  # also False for nan
+        raise ValueError(f"the lr would be {value}")
+
+
+def _batch_where(b: int, steps_per_epoch: int) -> str:
+    """A run's batch (0-based) as the trainer counts it: ``epoch 3, batch 1``."""
+    return f"epoch {b // steps_per_epoch + 1}, batch {b % steps_per_epoch + 1}"
+
+
+def _first_counted_epoch(sched: Scheduler, steps_per_epoch: int) -> int:
+    """The first epoch whose end steps a per-epoch main schedule (the ends within the warmup do not)."""
+    return max(1, -(-sched.warmup_steps // steps_per_epoch))
+
+
+def lr_at(sched: Scheduler, batch: int) -> float | None:
+    """The lr that batch ``batch`` (0-based, counted over the whole run) trains at under a freshly
+    built ``sched``, computed without stepping (the value stepping reaches, to within float
+    rounding; the epochs' ends see a loss that never improves). None when the main schedule has
+    no closed form (plateau, or a kind added later). Changes ``sched``'s step count: use it on a
+    throwaway scheduler only (check_schedule)."""
+    target = sched.target_lrs[0]
+    warmup = sched.warmup_steps
+    if batch < warmup:
+        return target * min(1.0, (batch + 1) / warmup)
+    main = sched.main
+    if main is None:
+        return target
+    if sched.per_batch:  # stepped once per batch after the warmup's last (the hand-over is not one)
+        k = batch - warmup
+        if type(main) is lr_scheduler.OneCycleLR:
+            main.last_epoch = min(k, main.total_steps - 1)  # Scheduler stops it at the cycle's end
+            with warnings.catch_warnings():  # "use get_last_lr()": this is the closed form on purpose
+                warnings.simplefilter("ignore")
+                return float(main.get_lr()[0])
+    else:  # stepped at the end of each epoch out of the warmup
+        steps = sched.steps_per_epoch
+        k = max(0, batch // steps - _first_counted_epoch(sched, steps) + 1)
+    if type(main) in _CLOSED_FORM:
+        main.last_epoch = k
+        return float(main._get_closed_form_lr()[0])
+    return None
+
+
+def _representative_batches(sched: Scheduler, epochs: int, steps_per_epoch: int) -> list[int]:
+    """CHECK_SAMPLES batches spread evenly over the run, plus the schedule's turning points."""
+    total = epochs * steps_per_epoch
+    picks = {round(i * (total - 1) / (CHECK_SAMPLES - 1)) for i in range(CHECK_SAMPLES)}
+    picks.update(range(total - 3, total))  # the last batches: the cycle's end, the last epoch
+    warmup = sched.warmup_steps
+    picks.update(range(warmup - 2, warmup + 3))  # the warmup's end and the hand-over
+    main = sched.main
+    if sched.per_batch and type(main) is lr_scheduler.OneCycleLR:
+        for phase in main._schedule_phases:  # the phases' ends, as torch computes them
+            end = warmup + math.floor(phase["end_step"])
+            picks.update(range(end - 1, end + 3))
+    elif not sched.per_batch and main is not None:
+        # epochs where a per-epoch schedule turns: step_size multiples (the first and last few),
+        # each milestone, the first and the last epochs
+        first = _first_counted_epoch(sched, steps_per_epoch)
+        turns = {1, 2, 3, epochs - 1, epochs}
+        if type(main) is lr_scheduler.StepLR:
+            size = main.step_size
+            turns.update(size * n for n in (1, 2, 3))
+            turns.update(size * n for n in range(max(1, epochs // size - 2), epochs // size + 2))
+        if type(main) is lr_scheduler.MultiStepLR:
+            turns.update(main.milestones)
+        for k in turns:
+            for step in (k - 1, k, k + 1):  # main's step count -> the first batch of that epoch
+                epoch0 = step + first - 1
+                picks.update((epoch0 * steps_per_epoch, epoch0 * steps_per_epoch - 1))
+    return sorted(b for b in picks if 0 <= b < total)

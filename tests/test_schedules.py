@@ -342,3 +342,86 @@ def test_onecycle_nudge_takes_as_many_ulps_as_needed():
                 assert ok(got, total, three_phase) and got >= pct
                 assert got == pct or not ok(math.nextafter(got, 0.0), total, three_phase) or \
                     math.nextafter(got, 0.0) < pct
+
+
+# --- the check's cost does not grow with the run's length -------------------------------------
+
+from mnistnets import schedules as _schedules  # noqa: E402
+from mnistnets.schedules import (CHECK_PREFIX_BATCHES, CHECK_SAMPLES, CHECK_WHOLE_BATCHES,  # noqa: E402
+                                 Scheduler, lr_at)
+
+CLOSED_FORM_SPECS = [s for s in SPECS if not s.startswith("plateau")] + [
+    "exponential:gamma=0.5,warmup=1.5", "constant:warmup=100", "step:step_size=1,gamma=0.9,warmup=2.5",
+    "multistep:milestones=2/4/5,gamma=0.5,warmup=1", "onecycle:pct_start=0.45,three_phase=true,anneal=linear"]
+
+
+@pytest.mark.parametrize("spec", CLOSED_FORM_SPECS)
+def test_lr_at_gives_the_lr_stepping_reaches(spec):
+    """The closed form a long run's check reads is the lr the trainer's stepping gives each batch."""
+    for epochs, steps in [(1, 1), (1, 7), (3, 4), (7, 3), (12, 2), (6, 10), (2, 50)]:
+        stepped = _run_lrs(spec, epochs, steps)[:-1]
+        fresh = build_scheduler(spec, _opt(), epochs, steps)
+        closed = [lr_at(fresh, b) for b in range(epochs * steps)]
+        assert closed == [pytest.approx(v, rel=1e-9, abs=1e-15) for v in stepped], (spec, epochs, steps)
+
+
+def test_lr_at_has_no_closed_form_for_plateau():
+    sched = build_scheduler("plateau:warmup=1", _opt(), 3, 4)
+    assert lr_at(sched, 2) == pytest.approx(0.1 * 3 / 4)  # the warmup still has one
+    assert lr_at(sched, 5) is None
+
+
+def _count_steps(monkeypatch):
+    counted = {"batches": 0}
+    step_batch = Scheduler.step_batch
+
+    def counting(self):
+        counted["batches"] += 1
+        step_batch(self)
+
+    monkeypatch.setattr(Scheduler, "step_batch", counting)
+    return counted
+
+
+@pytest.mark.parametrize("spec", SPECS + VALID_EDGES)
+def test_long_runs_pass_stepping_a_bounded_number_of_batches(monkeypatch, spec):
+    counted = _count_steps(monkeypatch)
+    for epochs, steps in [(1000, 938), (10 ** 8, 60_000)]:
+        counted["batches"] = 0
+        assert check_schedule(spec, lr=0.1, epochs=epochs, steps_per_epoch=steps) is None
+        assert counted["batches"] == CHECK_PREFIX_BATCHES
+    counted["batches"] = 0
+    check_schedule(spec, lr=0.1, epochs=15, steps_per_epoch=938)  # the default run: stepped whole
+    assert counted["batches"] == 15 * 938 <= CHECK_WHOLE_BATCHES
+
+
+def test_long_runs_read_a_bounded_number_of_batches(monkeypatch):
+    reads = []
+    real = _schedules.lr_at
+    monkeypatch.setattr(_schedules, "lr_at", lambda sched, b: reads.append(b) or real(sched, b))
+    for epochs in (1000, 10 ** 8):
+        reads.clear()
+        check_schedule("multistep:milestones=2/4/8/16,warmup=3", lr=0.1, epochs=epochs, steps_per_epoch=938)
+        assert CHECK_SAMPLES <= len(reads) <= CHECK_SAMPLES + 100
+        assert reads == sorted(set(reads)) and reads[-1] == epochs * 938 - 1  # up to the last batch
+
+
+def test_long_runs_still_catch_a_bad_lr_past_the_stepped_batches(monkeypatch):
+    cosine, multistep = SCHEDULES["cosine"], SCHEDULES["multistep"]
+    # a per-batch schedule whose lr goes below 0 near the run's end
+    monkeypatch.setitem(SCHEDULES, "cosine", dataclasses.replace(
+        cosine, build=lambda opt, epochs, steps, **kw: lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps,
+                                                                                     eta_min=-0.05)))
+    with pytest.raises(ScheduleError) as err:
+        check_schedule("cosine", lr=0.1, epochs=1000, steps_per_epoch=938)
+    message = str(err.value)
+    assert "of a run of 1000 epochs x 938 batches" in message and "the lr would be -" in message
+    epoch = int(message.split("fails at epoch ")[1].split(",")[0])
+    assert epoch > CHECK_PREFIX_BATCHES // 938  # past what was stepped
+    # a per-epoch one whose lr turns negative at a late milestone (after a 2-epoch warmup)
+    monkeypatch.setitem(SCHEDULES, "multistep", dataclasses.replace(
+        multistep, build=lambda opt, epochs, steps, **kw: lr_scheduler.MultiStepLR(opt, milestones=[50_000],
+                                                                                  gamma=-1.0)))
+    with pytest.raises(ScheduleError, match=r"fails at epoch 50002, batch 1 of a run of 100000 epochs x 3 "
+                                            r"batches .*the lr would be -0\.1"):
+        check_schedule("multistep:warmup=2", lr=0.1, epochs=100_000, steps_per_epoch=3)

@@ -244,3 +244,47 @@ def test_unset_settings_come_from_each_models_recipe(monkeypatch):
 def test_unknown_train_setting_is_a_spec_error():
     with pytest.raises(SpecError, match="unknown training setting"):
         SweepSpec(models=["v0"], train={"wd": 1}).validate()
+
+
+# ------------------------------------------------------------------------------- priority
+
+def test_priority_defaults_to_0_and_is_no_trial_setting():
+    spec = SweepSpec(models=["v0", "v2"], schedules=["cosine"], seeds=2).validate()
+    assert spec.priority == 0
+    spec.update({"priority": 7}).validate()
+    assert spec.priority == 7
+    assert "priority" not in spec.axes() and "priority" not in spec.fixed_settings()
+    assert all("priority" not in point for point in spec.points())
+    assert all("priority" not in config for _, config in spec.trials())
+    assert spec.summary() == "4 trials: v0, v2 x cosine x seeds 1-2, 15 epochs"
+    assert "priority" not in format_trial_table(spec)
+
+
+def test_priority_from_a_sweep_file_and_round_trips(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("models: [v1]\npriority: 5\n")
+    spec = SweepSpec.from_yaml(path).validate()
+    assert spec.priority == 5
+    assert spec.to_dict()["priority"] == 5 and json.loads(spec.to_json())["priority"] == 5
+    assert SweepSpec.from_json(spec.to_json()).validate() == spec
+    assert SweepSpec.from_mapping(spec.to_dict()).validate() == spec
+    assert SweepSpec.from_mapping({"models": "v0", "priority": -1000}).validate().priority == -1000
+    assert SweepSpec().update({"models": ["v0"], "priority": None}).validate().priority == 0  # None: not given
+    low = SweepSpec(models=["v0"], priority=-3).validate()
+    assert SweepSpec.from_json(low.to_json()).priority == -3
+
+
+@pytest.mark.parametrize("value", [True, False, 1001, -1001, 2.0, 0.5, "5", [5]])
+def test_priority_must_be_a_whole_number_in_range(value):
+    spec = SweepSpec(models=["v0"]).update({"priority": value})
+    with pytest.raises(SpecError) as err:
+        spec.validate()
+    assert str(err.value).startswith("priority (--priority) must be a whole number from -1000 to 1000, not ")
+
+
+@pytest.mark.parametrize("text", ["priority: true\n", "priority: 1e3\n", "priority: 2000\n"])
+def test_priority_in_a_sweep_file_must_be_a_whole_number_in_range(tmp_path, text):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("models: [v0]\n" + text)
+    with pytest.raises(SpecError, match=r"priority \(--priority\) must be a whole number from -1000 to 1000"):
+        SweepSpec.from_yaml(path).validate()
