@@ -18,6 +18,13 @@ its final artifacts and ends its run FINISHED, tagged ``mnistjobs.stopped_early`
 ``mnistjobs.stopped_at_epoch`` when it trained fewer epochs than planned. That is best effort
 (Tune may end the worker meanwhile); the driver makes sure of the status and tags
 (``jobs.sweep``, :func:`jobs.sweep.close_stopped_run`).
+
+Diverged: when ``fit`` raises ``mnistnets.train.Diverged`` (the training loss became NaN or
+infinite; checked at the end of each epoch), the trial ends its run FAILED, tagged
+``mnistjobs.diverged=true`` and ``mnistjobs.diverged_reason=<fit's one line>``, and returns
+normally: Tune retries a trial that raises, and a retry would only diverge again. Tune sees the
+trial as ended (TERMINATED) with the last good epoch as its last result; the driver leaves the run
+as it is (it only closes runs still RUNNING).
 """
 from __future__ import annotations
 
@@ -31,7 +38,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.contract import LAYERS_ARTIFACT, TAG_DEVICE, TAG_NODE, TAG_STOPPED_AT, TAG_STOPPED_EARLY
+from jobs.contract import (LAYERS_ARTIFACT, TAG_DEVICE, TAG_DIVERGED, TAG_DIVERGED_REASON, TAG_NODE,
+                           TAG_STOPPED_AT, TAG_STOPPED_EARLY)
 
 STATE_FILE = "mnistjobs_trial.json"  # in every checkpoint: the MLflow run id, the epoch
 STOPPED_WAIT_S = 20.0  # how long a stopped trial waits for MLflow (the driver closes its run anyway)
@@ -180,6 +188,7 @@ def train_trial(config: dict[str, Any]) -> None:
 
     from jobs import tracking
     from jobs.grid import trial_config, trial_name
+    from mnistnets.train import Diverged
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # no line per checkpoint
     _limit_threads()
@@ -208,13 +217,17 @@ def train_trial(config: dict[str, Any]) -> None:
                                      job_id=job["job_id"], trial_id=trial_id, name=name, run_id=run_id)
         node = _start_run(run, cfg, resumed)
         data = _load_data(cfg.data_dir, node)
-        for result in _fit_and_log(run, cfg, data, work, resume_from):
-            try:
-                _report(result, work, local)
-            except SystemExit as stop:  # Tune stopped this trial on purpose (see the module's doc)
-                if stop.code in (0, None):
-                    _end_stopped(run, work, name, int(result["epoch"]), cfg.epochs)
-                raise
+        try:
+            for result in _fit_and_log(run, cfg, data, work, resume_from):
+                try:
+                    _report(result, work, local)
+                except SystemExit as stop:  # Tune stopped this trial on purpose (see the module's doc)
+                    if stop.code in (0, None):
+                        _end_stopped(run, work, name, int(result["epoch"]), cfg.epochs)
+                    raise
+        except Diverged as diverged:  # ends FAILED and returns: Tune retries only a trial that raises
+            _end_diverged(run, work, name, diverged)
+            return
         _end(run, work)
         run.finish("FINISHED")
     finally:
@@ -291,3 +304,27 @@ def _end_stopped(run, work: Path, name: str, epoch: int, planned: int) -> None:
     except Exception as e:  # noqa: BLE001 - the driver closes the run (jobs.sweep)
         print(f"[{name}] stopped; its MLflow run is closed by the driver ({' '.join(str(e).split())[:200]})",
               flush=True)
+
+
+def diverged_tags(reason: str) -> dict[str, str]:
+    """The tags of a run whose training diverged: ``reason`` is fit's one line (``Diverged``)."""
+    return {TAG_DIVERGED: "true", TAG_DIVERGED_REASON: " ".join(str(reason).split())[:500]}
+
+
+def _end_diverged(run, work: Path, name: str, diverged) -> None:
+    """A trial whose loss became NaN or infinite (``mnistnets.train.Diverged``): its run FAILED
+    with the diverged tags, the artifacts of the epochs before it (the checkpoint of the last good
+    epoch, the plots). Returns normally, so Tune records the trial as ended, not errored, and does
+    not retry it (training is deterministic: a retry diverges again). Only MLflow not answering
+    for $MNISTJOBS_MLFLOW_PATIENCE_S raises (TrackingUnavailable): then Tune retries, the retry
+    resumes from the last good checkpoint, diverges at the same epoch and tries to close the run
+    again; past max_failures the driver marks the run FAILED."""
+    from mnistnets.train import load_checkpoint
+
+    print(f"[{name}] {diverged}", flush=True)
+    run.set_tags(diverged_tags(str(diverged)))
+    last = work / "last.pt"
+    history = load_checkpoint(last).get("history") if last.is_file() else None
+    if history:  # diverged in its first epoch: no checkpoint, nothing to plot
+        run.log_final_artifacts(work, history=history)
+    run.finish("FAILED")

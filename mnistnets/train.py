@@ -35,10 +35,29 @@ __all__ = [
     "OPTIMIZERS", "TTA_VIEWS", "CHECKPOINT_VERSION", "MODEL_RECIPES", "TrainConfig", "recipe_for",
     "settings_text", "is_number", "resolve_device", "build_optimizer", "build_model", "fit",
     "WeightEMA", "evaluate", "evaluate_tta", "shift_images", "CheckpointError", "save_checkpoint",
-    "load_checkpoint", "prepare_checkpoint_dir", "check_resumable",
+    "load_checkpoint", "prepare_checkpoint_dir", "check_resumable", "Diverged", "MAX_LR",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+
+#: The largest lr (anywhere in the schedule) a run accepts. The weights are float32 and an optimizer
+#: step turns the lr into a float32 factor: SGD's at most 3.4e38, Adam's first step at 10 x lr (its
+#: bias correction 1 / (1 - 0.9)); above that torch fails in the middle of training
+#: ("value cannot be converted to type float without overflow"). Any lr near it diverges anyway.
+MAX_LR = float(torch.finfo(torch.float32).max) / 10
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite: ``fit`` stops at the end of that epoch.
+
+    ``str(exc)`` is one line that says which epoch, what became non-finite and what to try;
+    ``epoch`` is the epoch that diverged (the epochs before it were yielded and checkpointed as
+    usual; this one was not).
+    """
+
+    def __init__(self, epoch: int, reason: str):
+        super().__init__(reason)
+        self.epoch, self.reason = int(epoch), reason
 
 
 def is_number(value: Any) -> bool:
@@ -148,7 +167,25 @@ class TrainConfig:
         # here, before any training (train set size: MNIST's 60,000).
         n_train = min(self.train_limit or 60_000, 60_000)
         _check_schedule(self.schedule, float(self.lr), self.epochs, math.ceil(n_train / self.batch_size))
+        what, peak = _peak_lr(self.schedule, float(self.lr))
+        if peak > MAX_LR:
+            raise ValueError(f"{what} is {peak:g}: more than float32 weights can take (an optimizer step at "
+                             f"that lr overflows); the largest lr accepted is {MAX_LR:.3g}, and lrs that train "
+                             f"MNIST are about 0.001 to 1")
         return self
+
+
+def _peak_lr(schedule: str, lr: float) -> tuple[str, float]:
+    """(what sets it, the largest lr the schedule gives any batch) for a valid spec: the schedules
+    only lower the lr from its start, except onecycle (up to max_lr) and cosine (to eta_min)."""
+    from .schedules import parse_schedule
+
+    name, options = parse_schedule(schedule)
+    if name == "onecycle" and "max_lr" in options:
+        return f"max_lr of the schedule {schedule!r}", float(options["max_lr"])
+    if name == "cosine" and options.get("eta_min", 0.0) > lr:
+        return f"eta_min of the schedule {schedule!r}", float(options["eta_min"])
+    return "lr", lr
 
 
 @functools.lru_cache(maxsize=256)
@@ -212,6 +249,8 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
 
 ProgressFn = Callable[[int, int, int, float, float], None]
 
+_LOWER_LR = "the run stopped; try a lower lr (or the schedule's max_lr)"
+
 
 @dataclass
 class _Run:
@@ -267,25 +306,40 @@ class _Run:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen, n_batches = 0, len(loader)
-        for i, (x, y) in enumerate(loader, 1):
-            out = model(x)
-            loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)  # out: log-probs
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if i == n_batches:
-                lr_used = scheduler.get_lr()  # the lr this epoch's last step used
-            scheduler.step_batch()
-            if self.ema is not None:
-                self.ema.update()
-            loss_sum += loss.detach() * y.numel()
-            correct += (out.detach().argmax(1) == y).sum()
-            seen += y.numel()
-            if progress is not None and (i % progress_every == 0 or i == n_batches):
-                progress(epoch, i, n_batches, loss_sum.item() / seen, 100.0 * correct.item() / seen)
+        peak_lr = 0.0  # the largest lr of the epoch's steps, for the message of a divergence
+        try:
+            for i, (x, y) in enumerate(loader, 1):
+                out = model(x)
+                loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)  # out: log-probs
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                peak_lr = max(peak_lr, scheduler.get_lr())
+                optimizer.step()
+                if i == n_batches:
+                    lr_used = scheduler.get_lr()  # the lr this epoch's last step used
+                scheduler.step_batch()
+                if self.ema is not None:
+                    self.ema.update()
+                loss_sum += loss.detach() * y.numel()
+                correct += (out.detach().argmax(1) == y).sum()
+                seen += y.numel()
+                if progress is not None and (i % progress_every == 0 or i == n_batches):
+                    progress(epoch, i, n_batches, loss_sum.item() / seen, 100.0 * correct.item() / seen)
+        except RuntimeError as exc:  # torch refuses a step whose factor overflows float32
+            if "overflow" not in str(exc):
+                raise
+            raise Diverged(epoch, f"training diverged in epoch {epoch}/{config.epochs}: an optimizer step at "
+                                  f"lr {scheduler.get_lr():.4g}, weight decay {config.weight_decay:g} overflowed "
+                                  f"float32 ({' '.join(str(exc).split())}); {_LOWER_LR} or weight decay") from None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return loss_sum.item() / max(seen, 1), 100.0 * correct.item() / max(seen, 1), lr_used, seen
+        # The loss sum is on the device: its one host sync per epoch (below) is also the divergence
+        # check (NaN and inf propagate into the sum), so a NaN costs no extra sync per batch.
+        train_loss = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise Diverged(epoch, f"training diverged in epoch {epoch}/{config.epochs}: the epoch's training "
+                                  f"loss is {train_loss} (lr up to {peak_lr:.4g} this epoch); {_LOWER_LR}")
+        return train_loss, 100.0 * correct.item() / max(seen, 1), lr_used, seen
 
     def checkpoint(self, epoch: int, best_acc: float, history: list) -> dict[str, Any]:
         state = {
@@ -307,6 +361,10 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
     ``data`` defaults to ``load_mnist(config.data_dir)``. ``progress(epoch, batch, n_batches,
     running_loss, running_acc)`` is called every ``progress_every`` batches and at the last one;
     it costs one host sync each time.
+
+    Raises :class:`Diverged` at the end of an epoch whose training loss (the epoch's sum, read
+    once per epoch anyway) or test loss is NaN or infinite, or in which an optimizer step
+    overflowed: that epoch is neither yielded nor checkpointed.
     """
     config.validate()
     device = resolve_device(config.device)
@@ -326,6 +384,9 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
         train_loss, train_acc, lr_used, seen = run.train_epoch(epoch, augment, progress, progress_every)
         train_seconds = time.perf_counter() - start
         test_loss, test_acc = evaluate(run.scored, run.test_loader)
+        if not math.isfinite(test_loss):  # e.g. BatchNorm's running statistics blew up
+            raise Diverged(epoch, f"training diverged in epoch {epoch}/{config.epochs}: the test loss is "
+                                  f"{test_loss} (the training loss was {train_loss:.4g}); {_LOWER_LR}")
         run.scheduler.step_epoch(test_loss)
         epoch_seconds = time.perf_counter() - start
         is_best = test_acc > best_acc
