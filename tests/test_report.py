@@ -217,10 +217,14 @@ def test_render_report_sections():
               "Summary": report.summary_table(runs, epochs)}
     md = report.render_report(tables, "markdown")
     assert "## Epochs" in md and "## Summary" in md
-    text = report.render_report(tables, "csv")
-    sections = text.split("\n\n")
-    assert [s.splitlines()[0] for s in sections] == ["# Epochs", "# Summary"]
-    assert len(pd.read_csv(io.StringIO(sections[1].split("\n", 1)[1]))) == len(FAKE)
+    text = report.render_report(tables, "table")
+    assert [ln for ln in text.splitlines() if ln.endswith(":")] == ["Epochs:", "Summary:"]
+    # CSV holds one table: two are refused, one is a plain CSV with no title line
+    with pytest.raises(report.ReportError, match="CSV holds one table.*Epochs, Summary.*--table"):
+        report.render_report(tables, "csv")
+    one = report.render_report({"Summary": tables["Summary"]}, "csv")
+    assert not one.startswith("#")
+    assert len(pd.read_csv(io.StringIO(one))) == len(FAKE)
 
 
 def test_plot_is_png_and_atomic(tmp_path):
@@ -407,6 +411,45 @@ def test_cli_compare_groups_count_runs_and_tta_coverage(sqlite_store):
     header, rows = parse_markdown(result.output)
     cells = dict(zip(header, rows[0]))
     assert (cells["Runs"], cells["TTA Runs"], cells["Min Final TTA Acc"]) == ("2", "1", "99.50%")
+
+
+def test_cli_compare_csv_is_one_table_the_summary_by_default(sqlite_store, tmp_path):
+    """`--format csv` alone writes the summary as one CSV table that pandas reads back; the
+    same as `--table summary --format csv`, to stdout and to a file."""
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", sqlite_store, "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert "#" not in result.output and "\n\n" not in result.output
+    back = pd.read_csv(io.StringIO(result.output))
+    assert list(back.columns) == list(report.summary_table(*report.load_runs(sqlite_store)).columns)
+    assert len(back) == 2 and sorted(back["Run"]) == [f"v0-onecycle-s1 ({JOB_A})", f"v0-onecycle-s1 ({JOB_B})"]
+    assert sorted(back["Final Test Acc"]) == pytest.approx([99.40, 99.60])
+    explicit = CliRunner().invoke(main, ["compare", "--tracking-uri", sqlite_store, "--format", "csv",
+                                         "--table", "summary"])
+    assert explicit.exit_code == 0 and explicit.output == result.output
+    out = tmp_path / "summary.csv"
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", sqlite_store, "--format", "csv",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == explicit.output
+    epochs = CliRunner().invoke(main, ["compare", "--tracking-uri", sqlite_store, "--format", "csv",
+                                       "--table", "epochs"])
+    assert epochs.exit_code == 0, epochs.output
+    assert list(pd.read_csv(io.StringIO(epochs.output))["Epoch"]) == [1, 2]
+    # without --format csv the default is still every table
+    text = CliRunner().invoke(main, ["compare", "--tracking-uri", sqlite_store])
+    assert text.exit_code == 0 and "Summary:" in text.output and "Side-by-side epoch table:" in text.output
+
+
+def test_cli_compare_csv_refuses_all_tables(sqlite_store, tmp_path):
+    out = tmp_path / "all.csv"
+    result = CliRunner().invoke(main, ["compare", "--tracking-uri", sqlite_store, "--format", "csv",
+                                       "--table", "all", "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "--table all cannot be written as CSV" in text
+    assert "--table epochs, summary or groups" in text and "--format table or markdown" in text
+    assert "Traceback" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- real MLflow

@@ -80,14 +80,24 @@ def render(df: pd.DataFrame, fmt: str = "table") -> str:
 
 
 def render_report(tables: Mapping[str, pd.DataFrame], fmt: str = "table") -> str:
-    """Several titled tables in one text: a title line (``# title`` in CSV, ``## title`` in
-    Markdown) then the table, separated by blank lines. One table renders without a title."""
+    """Several titled tables in one text: a title line (``title:`` in text, ``## title`` in
+    Markdown) then the table, separated by blank lines. One table renders without a title.
+
+    CSV holds exactly one table (what pandas and spreadsheets read back): more than one raises
+    :class:`ReportError`.
+    """
     tables = {title: df for title, df in tables.items() if df is not None}
     if len(tables) == 1:
         return render(next(iter(tables.values())), fmt)
+    if fmt == "csv":
+        raise ReportError(
+            f"CSV holds one table, but {len(tables)} were asked for ({', '.join(tables)}). "
+            "Pick one (with `compare`: --table epochs, summary or groups), or use --format "
+            "table or markdown for several."
+        )
     parts = []
     for title, df in tables.items():
-        head = {"csv": f"# {title}", "markdown": f"## {title}"}.get(fmt, f"{title}:")
+        head = f"## {title}" if fmt == "markdown" else f"{title}:"
         parts.append(head + "\n" + ("\n" if fmt == "markdown" else "") + render(df, fmt))
     return "\n".join(parts)
 
