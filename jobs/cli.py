@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from jobs import cli_local
+from jobs import cli_env, cli_local
+from jobs.spec import MAX_TRIALS
 from jobs.cli_options import (CONTEXT_SETTINGS, UsageFailure, address_option, home_option, recipe_options,
                               service_errors, tracking_option)
 
@@ -33,7 +34,7 @@ def main() -> None:
 
 
 for _command in (cli_local.models_cmd, cli_local.data_cmd, cli_local.train_cmd, cli_local.compare,
-                 cli_local.up_cmd, cli_local.down_cmd):
+                 cli_local.up_cmd, cli_local.down_cmd, cli_env.env_cmd, cli_env.token_cmd):
     main.add_command(_command)
 
 
@@ -89,39 +90,79 @@ def _trial_table(cluster, info) -> str | None:
     lines = [f"  {'trial':<{width}}  {'status':<8}  {'epoch':>7}  {'test_acc':>8}  {'best':>6}  device"]
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"  {r['name']:<{width}}  {r['status']:<8}  {str(r['epoch']) + '/' + str(r['epochs']):>7}  "
+        state = "DIVERGED" if r.get("diverged") else r["status"]
+        lines.append(f"  {r['name']:<{width}}  {state:<8}  {str(r['epoch']) + '/' + str(r['epochs']):>7}  "
                      f"{fmt(r['test_acc']):>8}  {fmt(r['best_acc']):>6}  {r['device'] or '-'}")
     return "\n".join(lines)
 
 
-def _echo_jobs(client) -> None:
-    from jobs import client as jc
+def _echo_jobs(client, cluster) -> None:
+    """Ray's jobs and the queue's: queued ones (not yet Ray jobs) with their place."""
+    from jobs import client as jc, queue
 
     jobs_ = jc.list_jobs(client)
-    if not jobs_:
+    waiting = []
+    try:
+        mlf = jc._mlflow(client, cluster)
+        waiting = [e for e in queue.read(mlf) if e.queued or not any(
+            (j.metadata or {}).get(jc.META_JOB_ID) == e.job_id for j in jobs_)]
+    except Exception:  # noqa: BLE001 - no queue store known, or MLflow away: Ray's jobs only
+        pass
+    if not jobs_ and not waiting:
         click.echo("No jobs.")
         return
     click.echo(f"{'job':<18} {'status':<10} {'submitted':<19}  {'time':>8}  sweep")
     for j in jobs_:
         click.echo(f"{(j.submission_id or j.job_id or '-'):<18} {jc.status_of(j):<10} "
                    f"{_when(j.start_time):<19}  {_duration(j):>8}  {jc.sweep_text(j)}")
+    for e in waiting:
+        state = "QUEUED" if e.queued else "RUNNING"
+        note = f"place {e.place} in the queue" if e.queued else "starting again at its place"
+        click.echo(f"{e.job_id:<18} {state:<10} {queue.when(e.submitted_at):<19}  {'-':>8}  {e.summary} ({note})")
 
 
-def _follow(client, cluster, job_id):
-    """Print the job's log as it grows until the job ends; return the final JobInfo."""
+def _follow(client, cluster, job_id, *, full: bool = False):
+    """Print the job's log as it grows until the job ends (tracebacks left out unless ``full``);
+    return the final JobInfo."""
     from jobs import client as jc
 
     with service_errors():
-        for chunk in jc.follow_log(client, job_id):
+        for chunk in jc.readable(jc.follow_log(client, job_id), full=full):
             click.echo(chunk, nl=False)
         return jc.job_info(client, cluster, job_id)
 
 
-def _wait(client, cluster, ray_job_id) -> None:
+def _await_start(client, cluster, job_id, ray_job_id) -> None:
+    """Wait while the job is queued (printing its place when it changes) until its Ray job
+    exists; a job cancelled meanwhile ends the wait with exit 1."""
+    from jobs import client as jc, queue
+
+    shown = None
+    with service_errors():
+        mlf = jc._mlflow(client, cluster)
+        while True:
+            try:
+                client.get_job_info(ray_job_id)
+                return
+            except RuntimeError:
+                pass
+            run = queue.find(mlf, job_id)
+            if run is not None and run.info.status not in queue.ACTIVE_STATUSES:
+                raise click.ClickException(f"Job {job_id} ended {queue.user_state(run)} before it started.")
+            where = queue.place_of(mlf, job_id)
+            if where and shown and where[0] != shown[0]:
+                click.echo(f"  queued: now place {where[0]} of {where[1]}")
+            shown = where or shown
+            time.sleep(0.5)
+
+
+def _wait(client, cluster, ray_job_id, job_id=None) -> None:
     """Follow the job to its end, print its trials; exit 1 unless it SUCCEEDED."""
     from jobs import client as jc
 
+    _await_start(client, cluster, job_id or ray_job_id, ray_job_id)
     info = _follow(client, cluster, ray_job_id)
+    rows, _ = jc.trials(cluster, info)
     table = _trial_table(cluster, info)
     if table:
         click.echo(table)
@@ -131,7 +172,34 @@ def _wait(client, cluster, ray_job_id) -> None:
                                    + (f": {info.message}" if info.message else "")
                                    + ". Trials that failed are FAILED in MLflow; `mnistjobs resume "
                                    f"{ray_job_id}` continues the unfinished ones from their checkpoints.")
+    diverged = [r for r in (rows or []) if r.get("diverged")]
+    if diverged:
+        click.echo(f"Job {ray_job_id} SUCCEEDED: {len(rows) - len(diverged)} trial(s) finished, {len(diverged)} "
+                   f"diverged ({', '.join(r['name'] for r in diverged)}: FAILED in MLflow, tagged mnistjobs.diverged).")
+        return
     click.echo(f"Job {ray_job_id} SUCCEEDED: every trial finished.")
+
+
+def _echo_queued(cluster, view) -> None:
+    """`status JOB` of a job Ray does not know (yet): queued, or starting again after its Ray
+    head was replaced, or ended with its Ray job gone."""
+    from jobs import queue
+
+    run = view.run
+    tags = run.data.tags
+    line = f"Job {view.job_id}: {view.state}"
+    if view.entry is not None:
+        total = len(queue.read(view.mlf))
+        line += (f"  (place {view.entry.place} of {total} in the queue, priority {view.entry.priority}, "
+                 f"submitted {queue.when(view.entry.submitted_at)} by {view.entry.submitted_by})")
+        if not view.entry.queued:
+            line += "; its Ray job is gone (the head was replaced): it starts again at its place"
+    click.echo(line + (f"  {tags.get(queue.TAG_SUMMARY)}" if tags.get(queue.TAG_SUMMARY) else ""))
+    if tags.get(queue.TAG_QUEUE_NOTE):
+        click.echo(f"  {tags[queue.TAG_QUEUE_NOTE]}")
+    from jobs import tracking
+
+    click.echo(f"  MLflow:        {tracking.run_url(cluster.tracking_uri, run.info.experiment_id, run.info.run_id)}")
 
 
 # -------------------------------------------------------------------------------------- submit
@@ -143,7 +211,9 @@ def _wait(client, cluster, ray_job_id) -> None:
               help="LR schedule specs, one grid axis: e.g. 'onecycle:max_lr=0.05,pct_start=0.2' "
                    "(repeat the option, or separate specs with ';' or a comma before the next "
                    "name: 'cosine,step:step_size=6')  [default: the recipe's onecycle]")
-@click.option("--seeds", type=int, default=None, help="Seeds per (model, schedule): N runs seeds 1..N  [default: 1]")
+@click.option("--seeds", type=int, default=None,
+              help=f"Seeds per (model, schedule): N runs seeds 1..N; a job has at most {MAX_TRIALS} trials "
+                   f"(models x schedules x seeds x train: lists)  [default: 1]")
 @recipe_options
 @click.option("--gpus-per-trial", type=float, default=None, metavar="FRACTION",
               help="Fraction of a GPU per trial, 0-1; 0.25 lets four trials share a GPU  "
@@ -154,6 +224,9 @@ def _wait(client, cluster, ray_job_id) -> None:
 @click.option("--max-failures", type=int, default=None,
               help="Retries of a failed trial from its last checkpoint (-1: forever)  [default: 2]")
 @click.option("--experiment", default=None, metavar="NAME", help="MLflow experiment  [default: mnistjobs]")
+@click.option("--priority", type=int, default=None, metavar="N",
+              help="Place in the queue: higher runs first; equal priorities run in submission order. "
+                   "Change it while queued with `mnistjobs priority JOB N`.  [default: 0]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="YAML",
               help="Sweep spec file with the same settings (models, schedules, seeds, epochs, ..., and "
                    "`train:` for other recipe settings); options given here override it.")
@@ -164,14 +237,19 @@ def _wait(client, cluster, ray_job_id) -> None:
 @tracking_option
 @home_option
 def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurrent, max_failures,
-           experiment, config_file, dry_run, wait, address, tracking_uri, home, **recipe):
+           experiment, priority, config_file, dry_run, wait, address, tracking_uri, home, **recipe):
     """Submit a sweep: one Ray Tune trial per (model, schedule, seed), tracked in MLflow.
 
     The spec is validated first: an unknown model, a bad schedule, epochs < 1, a GPU fraction
     outside 0-1 and the like exit with code 2 and create nothing. With no --address, the
     embedded local Ray head and MLflow server of the state folder are started (or reused).
-    The job goes to Ray's job queue; `submit` prints its id, the dashboard URL and the MLflow
-    experiment URL, and returns (or follows the job with --wait).
+
+    \b
+    The job goes into the cluster's queue (QUEUED) and `submit` returns at once with its id,
+    its place in the queue and the MLflow experiment URL (or follows the job with --wait).
+    Jobs run in order of --priority (higher first), then submission time; the next job starts
+    once every job ahead of it has started all its trials, and uses what they leave free.
+    `mnistjobs queue` shows the order; `cancel` takes a queued job out, `priority` moves it.
 
     \b
     Each trial trains with mnistnets.train.fit, logs params, per-epoch metrics (step = epoch)
@@ -190,7 +268,7 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
     spec = _spec_of(config_file, address, {
         "models": list(models) or None, "schedules": list(schedules) or None, "seeds": seeds,
         "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent,
-        "max_failures": max_failures, "experiment": experiment}, recipe)
+        "max_failures": max_failures, "experiment": experiment, "priority": priority}, recipe)
     if dry_run:
         click.echo(f"Dry run, nothing submitted. {spec.summary()}, experiment {spec.experiment!r}:")
         click.echo(format_trial_table(spec))
@@ -198,14 +276,27 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
     _check_tracking(address, tracking_uri, home)
     cluster, client = _connect(address, tracking_uri, home, start=True)
     with service_errors():
-        ray_job_id = jc.submit(client, cluster, spec, jc.new_job_id())
-        info = jc.job_info(client, cluster, ray_job_id)
-    click.echo(f"Submitted job {ray_job_id}: {spec.summary()}")
-    _echo_links(cluster, info)
+        queued = jc.submit(client, cluster, spec, jc.new_job_id())
+    job_id = queued["job_id"]
+    click.echo(f"Submitted job {job_id}: {spec.summary()}")
+    if queued["place"]:
+        click.echo(f"  Queued:        place {queued['place']} of {queued['length']}"
+                   + (f", priority {getattr(spec, 'priority', 0)}" if getattr(spec, "priority", 0) else "")
+                   + ("  (next to start)" if queued["place"] == 1 else "  (`mnistjobs queue` shows the order)"))
+    _echo_job_links(cluster, job_id, spec)
     if not wait:
-        click.echo(f"  Follow it:     mnistjobs logs {ray_job_id} --follow   (or: mnistjobs status {ray_job_id})")
+        click.echo(f"  Follow it:     mnistjobs logs {job_id} --follow   (or: mnistjobs status {job_id})")
         return
-    _wait(client, cluster, ray_job_id)
+    _wait(client, cluster, job_id)
+
+
+def _echo_job_links(cluster, job_id, spec) -> None:
+    from jobs import tracking
+
+    click.echo(f"  Ray dashboard: {cluster.dashboard_url}/#/jobs/{job_id}")
+    exp = tracking.client(cluster.tracking_uri).get_experiment_by_name(spec.experiment)
+    if exp is not None:
+        click.echo(f"  MLflow:        {tracking.experiment_url(cluster.tracking_uri, exp.experiment_id)}")
 
 
 #: Recipe options that go to the spec's ``train:`` mapping (the others are spec fields).
@@ -268,10 +359,14 @@ def status_cmd(job, address, tracking_uri, home):
     cluster, client = _connect(address, tracking_uri, home, start=False)
     if job is None:
         with service_errors():
-            _echo_jobs(client)
+            _echo_jobs(client, cluster)
         return
     with service_errors():
-        info = jc.job_info(client, cluster, job)
+        view = jc.find_job(client, cluster, job)
+    if view.info is None:
+        _echo_queued(cluster, view)
+        return
+    info = view.info
     meta = info.metadata or {}
     state = jc.status_of(info)
     click.echo(f"Job {job}: {state}  (submitted {_when(info.start_time)}, {_duration(info)})"
@@ -305,28 +400,42 @@ def _echo_services(home) -> bool:
 @home_option
 def list_cmd(address, home):
     """List the jobs on the cluster: id, state, submission time, run time, sweep."""
-    _cluster, client = _connect(address, None, home, start=False)
+    cluster, client = _connect(address, None, home, start=False)
     with service_errors():
-        _echo_jobs(client)
+        _echo_jobs(client, cluster)
 
 
 @main.command("logs", context_settings=CONTEXT_SETTINGS)
 @click.argument("job")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing as the log grows, until the job ends.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing as the log grows, until the job ends (a queued job: from its start).")
+@click.option("--full", is_flag=True,
+              help="Everything the driver wrote, with the tracebacks of failed trials (left out "
+                   "otherwise: each failure is one line).")
 @address_option
 @home_option
-def logs_cmd(job, follow, address, home):
+def logs_cmd(job, follow, full, address, home):
     """Print a job's log: the sweep driver's output, one line per trial epoch and event."""
     from jobs import client as jc
 
     cluster, client = _connect(address, None, home, start=False)
     with service_errors():
-        jc.job_info(client, cluster, job)
+        view = jc.find_job(client, cluster, job)
+    ray_job_id = view.info.submission_id if view.info is not None else view.ray_job_id
+    if view.info is None:
+        if not follow:
+            click.echo(f"Job {view.job_id} is {view.state}"
+                       + (f" (place {view.entry.place} in the queue)" if view.entry is not None else "")
+                       + "; it has no log yet (`mnistjobs logs JOB --follow` waits for it).", err=True)
+            return
+        _await_start(client, cluster, view.job_id, ray_job_id)
     if follow:
-        info = _follow(client, cluster, job)
-        click.echo(f"[job {job} {jc.status_of(info)}]", err=True)
+        info = _follow(client, cluster, ray_job_id, full=full)
+        click.echo(f"[job {ray_job_id} {jc.status_of(info)}]", err=True)
     else:
-        click.echo(client.get_job_logs(job), nl=False)
+        with service_errors():
+            text = client.get_job_logs(ray_job_id)
+        click.echo("".join(jc.readable([text], full=full)), nl=False)
 
 
 @main.command("cancel", context_settings=CONTEXT_SETTINGS)
@@ -335,18 +444,21 @@ def logs_cmd(job, follow, address, home):
 @tracking_option
 @home_option
 def cancel_cmd(job, address, tracking_uri, home):
-    """Stop a job: its trials end and its MLflow runs are marked KILLED (never left RUNNING)."""
+    """Stop a job: a queued one leaves the queue and never starts; a running one's trials end.
+    Its MLflow runs are marked KILLED (never left RUNNING or SCHEDULED)."""
     from jobs import client as jc
 
     cluster, client = _connect(address, tracking_uri, home, start=False)
     with service_errors():
         result = jc.cancel(client, cluster, job)
-    if result["before"] in jc.TERMINAL_JOB_STATES:
+    if result.get("queued"):
+        click.echo(f"Job {job}: STOPPED; taken out of the queue before it started.")
+    elif result["before"] in jc.TERMINAL_JOB_STATES:
         click.echo(f"Job {job} had already ended ({result['before']}); nothing to stop.")
     else:
         click.echo(f"Job {job}: {result['after']}.")
     if result["killed_runs"]:
-        click.echo(f"Marked {result['killed_runs']} MLflow run(s) that were still RUNNING as KILLED.")
+        click.echo(f"Marked {result['killed_runs']} MLflow run(s) that were still RUNNING or SCHEDULED as KILLED.")
 
 
 @main.command("resume", context_settings=CONTEXT_SETTINGS)
@@ -356,20 +468,77 @@ def cancel_cmd(job, address, tracking_uri, home):
 @tracking_option
 @home_option
 def resume_cmd(job, wait, address, tracking_uri, home):
-    """Finish a stopped or failed job: restore its Tune experiment and run what is left.
+    """Finish a stopped or failed job: queue it again; it restores its Tune experiment and runs
+    what is left.
 
     Finished trials are not repeated; unfinished and failed ones continue from their last
-    checkpoint in their own MLflow runs. The resumed run is a new Ray job (JOB-r1, ...)."""
-    from jobs import client as jc
+    checkpoint in their own MLflow runs. The resumed run is a new Ray job (JOB-r1, ...) that
+    waits its turn in the queue like a new submission."""
+    from jobs import client as jc, queue
 
     cluster, client = _connect(address, tracking_uri, home, start=False)
     with service_errors():
         ray_job_id, spec = jc.resume(client, cluster, job)
-        info = jc.job_info(client, cluster, ray_job_id)
-    click.echo(f"Submitted job {ray_job_id}: resumes {job} ({spec.summary()})")
-    _echo_links(cluster, info)
+        logical = ray_job_id.rsplit("-r", 1)[0]
+        where = queue.place_of(jc._mlflow(client, cluster), logical)
+    click.echo(f"Submitted job {ray_job_id}: resumes {job} ({spec.summary()})"
+               + (f"; queued at place {where[0]} of {where[1]}" if where else ""))
+    click.echo(f"  Ray dashboard: {cluster.dashboard_url}/#/jobs/{ray_job_id}")
     if wait:
-        _wait(client, cluster, ray_job_id)
+        _wait(client, cluster, ray_job_id, logical)
+
+
+# --------------------------------------------------------------------------------------- queue
+
+@main.command("queue", context_settings=CONTEXT_SETTINGS)
+@address_option
+@tracking_option
+@home_option
+def queue_cmd(address, tracking_uri, home):
+    """Show the queue: the running and queued jobs in the order they run.
+
+    \b
+    Running jobs keep their place (in the order they started); queued ones follow by priority
+    (higher first), then submission time. The next queued job starts once every job ahead of it
+    has started all its trials. Columns: place, job, state, priority, submitted, trials done /
+    total, experiment, who submitted it."""
+    from jobs import client as jc, queue, tracking
+
+    cluster, client = _connect(address, tracking_uri, home, start=False)
+    with service_errors():
+        mlf = jc._mlflow(client, cluster)
+        entries = queue.read(mlf)
+        done = {e.job_id: sum(r.info.status == "FINISHED" for r in tracking.job_runs(
+            mlf, e.job_id, role="trial", experiment_ids=[e.experiment_id])) for e in entries}
+    if not entries:
+        click.echo("The queue is empty: no job is queued or running.")
+        return
+    width = max(len("job"), *(len(e.job_id) for e in entries))
+    click.echo(f"{'place':>5}  {'job':<{width}}  {'state':<8}  {'priority':>8}  {'submitted':<19}  "
+               f"{'trials':>7}  {'experiment':<14}  submitted by")
+    for e in entries:
+        state = "QUEUED" if e.queued else "RUNNING"
+        trials = f"{done.get(e.job_id, 0)}/{e.total if e.total is not None else '?'}"
+        click.echo(f"{e.place:>5}  {e.job_id:<{width}}  {state:<8}  {e.priority:>8}  {queue.when(e.submitted_at):<19}  "
+                   f"{trials:>7}  {e.experiment:<14}  {e.submitted_by}")
+
+
+@main.command("priority", context_settings=CONTEXT_SETTINGS)
+@click.argument("job")
+@click.argument("priority", type=int)
+@address_option
+@tracking_option
+@home_option
+def priority_cmd(job, priority, address, tracking_uri, home):
+    """Change a queued job's priority (higher runs first; a started job keeps its place)."""
+    from jobs import client as jc, queue
+
+    if not -1000 <= priority <= 1000:
+        raise UsageFailure(f"Priority {priority} is out of range: give an integer from -1000 to 1000.")
+    cluster, client = _connect(address, tracking_uri, home, start=False)
+    with service_errors():
+        entry = queue.set_priority(jc._mlflow(client, cluster), job, priority)
+    click.echo(f"Job {job}: priority {priority}; now place {entry.place} in the queue.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -184,7 +184,7 @@ def _fit_printing(config, data, ckpt: Path, resume_from, quiet: bool) -> list[di
     from tqdm import tqdm
 
     from mnistnets import count_parameters
-    from mnistnets.train import CheckpointError, build_model, fit
+    from mnistnets.train import CheckpointError, Diverged, build_model, fit
 
     n_test = len(data.test_labels)
     click.echo(f"model {config.model}: {count_parameters(build_model(config)):,} parameters; "
@@ -218,6 +218,10 @@ def _fit_printing(config, data, ckpt: Path, resume_from, quiet: bool) -> list[di
             results.append(r)
     except CheckpointError as exc:
         raise UsageFailure(str(exc)) from None
+    except Diverged as exc:  # a NaN or infinite loss: the one line, exit 1 (the run failed, not the input)
+        if bar is not None:
+            bar.close()
+        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         if (ckpt / "last.pt").is_file():
             click.echo(f"\ninterrupted; resume with --resume {ckpt / 'last.pt'}", err=True)
@@ -246,12 +250,13 @@ def _print_summary(config, results: list[dict], ckpt: Path) -> None:
               help="Only the trials of this job id (see `mnistjobs list`). Default: all jobs.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown"]),
               default="table", show_default=True,
-              help="Output format: aligned text, CSV (one '# title' line per table), or "
-                   "Markdown pipe tables.")
+              help="Output format: aligned text, CSV (one table, as pandas and spreadsheets read "
+                   "it), or Markdown pipe tables.")
 @click.option("--table", "which", type=click.Choice(["all", "epochs", "summary", "groups"]),
-              default="all", show_default=True,
+              default=None,
               help="Which tables: the side-by-side epoch table, the per-run summary, the "
-                   "per-(model, schedule) seed statistics, or all of them.")
+                   "per-(model, schedule) seed statistics, or all of them (not with CSV, which "
+                   "holds one table)  [default: all; with --format csv: summary]")
 @click.option("--target", type=float, default=99.4, show_default=True, metavar="PCT",
               help="Test accuracy (percent) for the summary's 'first epoch >=' column.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -276,6 +281,8 @@ def compare(experiment, job, fmt, which, target, output, plot, tracking_uri, hom
       - mean/min/max final test accuracy over seeds, for each (model, schedule) with
         two or more finished runs (Runs; TTA Runs: how many have a TTA accuracy).
 
+    CSV holds one table: the summary unless --table picks another (--table all is refused).
+
     \b
     Examples:
       mnistjobs compare
@@ -284,6 +291,14 @@ def compare(experiment, job, fmt, which, target, output, plot, tracking_uri, hom
     """
     from jobs import report, services
 
+    if which is None:
+        which = "summary" if fmt == "csv" else "all"
+    elif which == "all" and fmt == "csv":
+        raise UsageFailure(
+            "--table all cannot be written as CSV: a CSV file holds one table. Pick one with "
+            "--table epochs, summary or groups (one file each), or use --format table or markdown "
+            "for all of them."
+        )
     home = home or ".mnistjobs"
     if not tracking_uri:
         tracking_uri = services.tracking_uri_for(home)  # the embedded default's, if recorded
@@ -359,7 +374,13 @@ def up_cmd(host, ray_port, dashboard_port, mlflow_port, num_cpus, num_gpus, home
         rec = services.up(home, host=host, ray_port=ray_port, dashboard_port=dashboard_port,
                           mlflow_port=mlflow_port, num_cpus=num_cpus, num_gpus=num_gpus,
                           log=lambda m: click.echo(m, err=True))
+        from jobs import cluster as clusters, queue
+
+        cluster = clusters.Cluster(rec.dashboard_url, rec.headers, rec.mlflow_url, embedded=True, services=rec)
+        started_queue = queue.ensure(clusters.job_client(cluster), cluster, wait=True)
     click.echo(("Already running" if rec.reused else "Started") + f" (state folder {rec.home}):")
+    if started_queue:
+        click.echo(f"  Job queue:     admitter started (Ray job {started_queue}); queued jobs move on")
     click.echo(f"  Ray dashboard: {rec.dashboard_url}   (token: {rec.token_path})")
     click.echo(f"  Ray address:   {rec.ray_address}")
     click.echo(f"  MLflow:        {rec.mlflow_url}")

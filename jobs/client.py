@@ -1,8 +1,9 @@
-"""The Ray job client under the CLI: submit a sweep as a Ray job, follow, wait for, cancel and
+"""The job client under the CLI: queue a sweep, follow, wait for, cancel, reprioritise and
 resume it, read its trials from MLflow. Functions return data; `jobs.cli` prints it (as
 `ray job` does over ``JobSubmissionClient``).
 
-A job, as this module queues it (``build_submission``)::
+``submit`` puts the job into the cluster's queue (``jobs.queue``: its parent run in MLflow,
+SCHEDULED); the queue's admitter, on the cluster, starts it as a Ray job when its turn comes::
 
     entrypoint  python -m jobs.sweep --job-id ID --ray-job-id RID --experiment-id EID [--resume]
     env_vars    MNISTJOBS_SPEC (the sweep spec as JSON: its one copy in the job),
@@ -10,8 +11,10 @@ A job, as this module queues it (``build_submission``)::
     metadata    mnistjobs.job_id, .summary, .experiment, .experiment_id, .tracking_uri
                 (and mnistjobs.resume_of for a resume)
 
-The MLflow experiment is created here, at submit time (``submit``), and the driver is handed its
-id. ``resume`` reads the spec back from the old job's runtime_env.
+The first Ray job of a job has the job's id (``mj-1a2b3c4d``); a resume, or a start again
+after the Ray head was replaced, is ``<job id>-rN``. A job is found by either (``find_job``):
+Ray knows it once it started, the queue's store (MLflow) from its submission on. The MLflow
+experiment is created here, at submit time, and the driver is handed its id.
 
 Imports neither torch nor click at module level; Ray and MLflow are imported when used.
 """
@@ -23,6 +26,8 @@ import shlex
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterator
+
+from jobs.contract import TAG_NEXT_RAY_JOB, TAG_RAY_JOB
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -39,6 +44,7 @@ META_EXPERIMENT_ID = "mnistjobs.experiment_id"
 META_TRACKING_URI = "mnistjobs.tracking_uri"
 META_RESUME_OF = "mnistjobs.resume_of"
 CANCEL_TIMEOUT_S = 60.0
+
 
 
 class JobUsageError(ValueError):
@@ -73,8 +79,11 @@ def has_ended(info: "JobDetails") -> bool:
 
 
 def list_jobs(client: "JobSubmissionClient") -> list["JobDetails"]:
-    """Every job on the cluster, oldest first."""
-    return sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    """Every job on the cluster, oldest first (not the short jobs that start the queue's admitter)."""
+    from jobs.queue import META_ROLE, ROLE_QUEUE
+
+    return sorted((j for j in client.list_jobs() if (j.metadata or {}).get(META_ROLE) != ROLE_QUEUE),
+                  key=lambda j: j.start_time or 0)
 
 
 def sweep_text(info: "JobDetails") -> str:
@@ -130,15 +139,27 @@ def new_job_id() -> str:
 def build_submission(cluster: "Cluster", spec: "SweepSpec", job_id: str, experiment_id: str, *,
                      ray_job_id: str | None = None, resume_of: str | None = None) -> dict[str, Any]:
     """The keywords of ``JobSubmissionClient.submit_job`` for the sweep driver of ``spec``."""
+    return build_submission_from(cluster, spec.to_json(), spec.summary(), spec.experiment, job_id, experiment_id,
+                                 ray_job_id=ray_job_id, resume_of=resume_of)
+
+
+def build_submission_from(cluster: "Cluster", spec_json: str, summary: str, experiment: str, job_id: str,
+                          experiment_id: str, *, ray_job_id: str | None = None, resume_of: str | None = None,
+                          home: str | None = None) -> dict[str, Any]:
+    """``build_submission`` from the spec's JSON text (what the queue's admitter has: the parent
+    run's ``spec.json``; it needs no SweepSpec, so no torch). ``home``: the embedded state folder
+    (default: the cluster's services')."""
     ray_job_id = ray_job_id or job_id
     python = sys.executable if cluster.embedded else "python"
     entrypoint = (f"{shlex.quote(python)} -m jobs.sweep --job-id {shlex.quote(job_id)} "
                   f"--ray-job-id {shlex.quote(ray_job_id)} --experiment-id {shlex.quote(str(experiment_id))}"
                   + (" --resume" if resume_of else ""))
-    env = {"MLFLOW_TRACKING_URI": cluster.tracking_uri, "PYTHONUNBUFFERED": "1", SPEC_VAR: spec.to_json()}
-    if cluster.embedded and cluster.services is not None:
-        env["MNISTJOBS_HOME"] = str(cluster.services.home)
-    metadata = {META_JOB_ID: job_id, META_SUMMARY: spec.summary(), META_EXPERIMENT: spec.experiment,
+    env = {"MLFLOW_TRACKING_URI": cluster.tracking_uri, "PYTHONUNBUFFERED": "1", SPEC_VAR: spec_json}
+    if home is None and cluster.embedded and cluster.services is not None:
+        home = str(cluster.services.home)
+    if cluster.embedded and home:
+        env["MNISTJOBS_HOME"] = str(home)
+    metadata = {META_JOB_ID: job_id, META_SUMMARY: summary, META_EXPERIMENT: experiment,
                 META_EXPERIMENT_ID: str(experiment_id), META_TRACKING_URI: cluster.tracking_uri}
     if resume_of:
         metadata[META_RESUME_OF] = resume_of
@@ -146,15 +167,31 @@ def build_submission(cluster: "Cluster", spec: "SweepSpec", job_id: str, experim
             "metadata": metadata}
 
 
-def submit(client: "JobSubmissionClient", cluster: "Cluster", spec: "SweepSpec", job_id: str, *,
-           ray_job_id: str | None = None, resume_of: str | None = None) -> str:
-    """Create (or find) the spec's MLflow experiment and queue the sweep driver as a Ray job;
-    return the Ray submission id."""
-    from jobs import tracking
+def _mlflow(client: "JobSubmissionClient", cluster: "Cluster"):
+    """The MLflow client of the cluster's queue (the cluster's tracking URI, else the one its
+    queue was started with); a JobUsageError when none is known."""
+    from jobs import queue, tracking
 
-    experiment_id = tracking.get_or_create_experiment(tracking.client(cluster.tracking_uri), spec.experiment)
-    return client.submit_job(**build_submission(cluster, spec, job_id, experiment_id,
-                                                ray_job_id=ray_job_id, resume_of=resume_of))
+    if not cluster.tracking_uri:
+        cluster.tracking_uri = queue.queue_tracking_uri(client)
+    if not cluster.tracking_uri:
+        raise JobUsageError("No MLflow tracking URI is known for this cluster's queue: give --tracking-uri "
+                            "(MLFLOW_TRACKING_URI).")
+    return tracking.client(cluster.tracking_uri)
+
+
+def submit(client: "JobSubmissionClient", cluster: "Cluster", spec: "SweepSpec", job_id: str) -> dict[str, Any]:
+    """Put the sweep into the cluster's queue: create (or find) its MLflow experiment, its parent
+    run SCHEDULED (``jobs.queue.enqueue``), and make sure the queue's admitter runs. Returns
+    ``{"job_id", "place", "length"}`` (its place in the queue, 1 = next)."""
+    from jobs import queue, tracking
+
+    mlf = tracking.client(cluster.tracking_uri)
+    queue.ensure(client, cluster)
+    experiment_id = tracking.get_or_create_experiment(mlf, spec.experiment)
+    queue.enqueue(mlf, spec, job_id, experiment_id, priority=int(getattr(spec, "priority", 0) or 0))
+    where = queue.place_of(mlf, job_id) or (None, None)
+    return {"job_id": job_id, "place": where[0], "length": where[1]}
 
 
 def stored_spec(info: "JobDetails") -> "SweepSpec":
@@ -173,21 +210,110 @@ def stored_spec(info: "JobDetails") -> "SweepSpec":
 
 
 def resume(client: "JobSubmissionClient", cluster: "Cluster", job_id: str) -> tuple[str, "SweepSpec"]:
-    """Queue the rest of an ended job as a new Ray job ``<job id>-rN``; return its id and spec."""
-    info = job_info(client, cluster, job_id)
-    if not has_ended(info):
-        raise JobUsageError(f"Job {job_id} is {status_of(info)}; resume it after it ends "
+    """Queue the rest of an ended job again, to run as a new Ray job ``<job id>-rN`` with
+    ``--resume``; return that id and the spec."""
+    from jobs import queue
+
+    view = find_job(client, cluster, job_id)
+    if view.state in ("QUEUED", "RUNNING", "PENDING"):
+        raise JobUsageError(f"Job {job_id} is {view.state}; resume it after it ends "
                             f"(or `mnistjobs cancel {job_id}`).")
-    spec = stored_spec(info)
-    logical = logical_id(info)
-    if not cluster.tracking_uri:
-        cluster.tracking_uri = (info.metadata or {}).get(META_TRACKING_URI)
+    spec = stored_spec(view.info) if view.info is not None else None
+    if view.run is None:
+        raise JobUsageError(f"Job {job_id} has no sweep run in MLflow at {cluster.tracking_uri}, so the queue "
+                            f"cannot take it again.")
+    if spec is None:
+        spec = _spec_of_run(view.mlf, view.run)
+    logical = view.job_id
     taken = {j.submission_id for j in client.list_jobs()}
-    n = 1
+    last = view.run.data.tags.get(TAG_RAY_JOB, "")
+    n = int(last.rsplit("-r", 1)[1]) if last.startswith(f"{logical}-r") and last.rsplit("-r", 1)[1].isdigit() else 0
+    n += 1
     while f"{logical}-r{n}" in taken:
         n += 1
-    ray_job_id = submit(client, cluster, spec, logical, ray_job_id=f"{logical}-r{n}", resume_of=job_id)
-    return ray_job_id, spec
+    queue.ensure(client, cluster)
+    queue.requeue(view.mlf, view.run, f"{logical}-r{n}")
+    return f"{logical}-r{n}", spec
+
+
+def _spec_of_run(mlf, run) -> "SweepSpec":
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from jobs.contract import SPEC_ARTIFACT
+    from jobs.spec import SpecError, SweepSpec
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            text = Path(mlf.download_artifacts(run.info.run_id, SPEC_ARTIFACT, tmp)).read_text()
+        return SweepSpec.from_mapping(json.loads(text))
+    except (OSError, ValueError, SpecError) as exc:
+        raise JobUsageError(f"The stored spec of {run.info.run_name} is unusable: {exc}") from None
+
+
+class JobView:
+    """What is known of a job: its Ray job (``info``, None while queued or after its head was
+    replaced), its parent run in MLflow (``run``), its queue entry (``entry``: queued or
+    admitted), and the state a user sees (``state``)."""
+
+    def __init__(self, job_id: str, info, run, entry, mlf) -> None:
+        self.job_id, self.info, self.run, self.entry, self.mlf = job_id, info, run, entry, mlf
+
+    @property
+    def state(self) -> str:
+        from jobs import queue
+
+        if self.entry is not None and self.entry.queued:
+            return "QUEUED"
+        if self.info is not None:
+            return status_of(self.info)
+        if self.run is not None:
+            return queue.user_state(self.run)
+        return "UNKNOWN"
+
+    @property
+    def ray_job_id(self) -> str | None:
+        if self.info is not None:
+            return self.info.submission_id
+        if self.run is not None:
+            return self.run.data.tags.get(TAG_RAY_JOB) or self.run.data.tags.get(TAG_NEXT_RAY_JOB)
+        return None
+
+
+def find_job(client: "JobSubmissionClient", cluster: "Cluster", job_id: str) -> JobView:
+    """The job ``job_id`` (an mnistjobs job id or a Ray submission id like ``mj-1-r1``): from Ray
+    and from the queue's store. Unknown to both: a JobUsageError."""
+    from jobs import queue
+
+    info = None
+    try:
+        info = job_info(client, cluster, job_id)
+    except JobUsageError:
+        pass
+    logical = logical_id(info) if info is not None else job_id
+    run = entry = mlf = None
+    try:
+        mlf = _mlflow(client, cluster)
+        run = queue.find(mlf, logical)
+    except JobUsageError:
+        if info is None:
+            raise
+    except Exception as exc:  # noqa: BLE001 - MLflow away: Ray's view only
+        if info is None:
+            raise JobClientError(f"Cannot read job {job_id}: MLflow at {cluster.tracking_uri} did not answer "
+                                 f"({type(exc).__name__}).") from None
+    if info is None and run is None:
+        raise JobUsageError(f"No job {job_id!r} on the Ray cluster at {cluster.dashboard_url} or in its queue. "
+                            f"`mnistjobs list` shows the jobs there.")
+    if run is not None:
+        entry = next((e for e in queue.read(mlf) if e.job_id == logical), None)
+        if info is None and run.data.tags.get(TAG_RAY_JOB) and run.data.tags.get(TAG_RAY_JOB) != job_id:
+            try:  # the newest attempt of the job
+                info = client.get_job_info(run.data.tags[TAG_RAY_JOB])
+            except RuntimeError:
+                info = None
+    return JobView(logical, info, run, entry, mlf)
 
 
 # ---------------------------------------------------------------------------------- following
@@ -252,23 +378,69 @@ def follow_log(client: "JobSubmissionClient", job_id: str, *, reconnects: int = 
 
 def cancel(client: "JobSubmissionClient", cluster: "Cluster", job_id: str, *,
            timeout: float = CANCEL_TIMEOUT_S) -> dict[str, Any]:
-    """Stop a job (if it still runs), wait up to ``timeout`` s for it to end, and mark its MLflow
-    runs that are still RUNNING as KILLED. Returns ``{"before": state, "after": state,
-    "killed_runs": n}``."""
-    from jobs import tracking
+    """Stop a job: a queued one leaves the queue and never starts; a running one is stopped
+    (waiting up to ``timeout`` s for it to end). Its MLflow runs still RUNNING or SCHEDULED are
+    marked KILLED. Returns ``{"before": state, "after": state, "killed_runs": n}``."""
+    from jobs import queue, tracking
 
-    info = job_info(client, cluster, job_id)
-    before = status_of(info)
-    if not has_ended(info):
-        client.stop_job(job_id)
+    view = find_job(client, cluster, job_id)
+    before = view.state
+    mlf = view.mlf
+    if before == "QUEUED":
+        queue.cancel_queued(mlf, view.run)
+        # The admitter may have taken it in the same instant: stop what it started.
+        started = view.run.data.tags.get(TAG_NEXT_RAY_JOB)
+        try:
+            late = client.get_job_info(started) if started else None
+        except RuntimeError:
+            late = None
+        if late is not None and not has_ended(late):
+            client.stop_job(started)
+        killed = 1 + tracking.end_job_runs(mlf, view.job_id, "KILLED", role="trial")
+        return {"before": before, "after": "STOPPED", "killed_runs": killed, "queued": True}
+    info = view.info
+    if info is not None and not has_ended(info):
+        client.stop_job(info.submission_id)
         deadline = time.monotonic() + timeout
         while not has_ended(info) and time.monotonic() < deadline:
             time.sleep(0.5)
-            info = job_info(client, cluster, job_id)
-    meta = info.metadata or {}
-    uri = tracking_uri_of(cluster, info)
+            info = job_info(client, cluster, info.submission_id)
+    meta = (info.metadata if info is not None else None) or {}
     killed = 0
-    if uri:
+    if mlf is not None:
+        if view.run is not None and view.run.info.status in ("RUNNING", "SCHEDULED"):
+            mlf.set_tag(view.run.info.run_id, queue.TAG_QUEUE_STATE, queue.ENDED)
         exp_ids = [meta[META_EXPERIMENT_ID]] if meta.get(META_EXPERIMENT_ID) else None
-        killed = tracking.end_job_runs(tracking.client(uri), logical_id(info), "KILLED", experiment_ids=exp_ids)
-    return {"before": before, "after": status_of(info), "killed_runs": killed}
+        killed = tracking.end_job_runs(mlf, view.job_id, "KILLED", experiment_ids=exp_ids)
+    after = status_of(info) if info is not None else ("STOPPED" if killed or before == "RUNNING" else before)
+    return {"before": before, "after": after, "killed_runs": killed, "queued": False}
+
+
+# ---------------------------------------------------------------------------------- reading logs
+
+#: The prefix of the traceback lines a sweep's driver writes after a trial's one-line failure
+#: (jobs.sweep.print_traceback): `submit --wait`, `logs` and `logs --follow` leave them out,
+#: `logs --full` (and the dashboard) show them.
+TRACE_PREFIX = "  | "
+
+
+def readable(chunks, full: bool = False) -> Iterator[str]:
+    """The log's text as it arrives, without the traceback lines (unless ``full``): whole lines,
+    so a prefix split across two chunks is still recognised."""
+    if full:
+        yield from chunks
+        return
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        lines = pending.split("\n")
+        pending = lines.pop()
+        kept = [line for line in lines if not _hidden(line)]
+        if kept:
+            yield "\n".join(kept) + "\n"
+    if pending and not _hidden(pending):
+        yield pending
+
+
+def _hidden(line: str) -> bool:
+    return line.startswith(TRACE_PREFIX) or line.startswith("\x1b") and TRACE_PREFIX in line[:16]

@@ -30,6 +30,23 @@ TAG_PARENT = "mlflow.parentRunId"
 #: run ends FINISHED and the job does not count it as failed. STOPPED_AT: the epochs it trained.
 TAG_STOPPED_EARLY = "mnistjobs.stopped_early"
 TAG_STOPPED_AT = "mnistjobs.stopped_at_epoch"
+#: On a trial run whose training loss became NaN or infinite: the run ends FAILED, not retried.
+TAG_DIVERGED = "mnistjobs.diverged"
+TAG_DIVERGED_REASON = "mnistjobs.diverged_reason"
+
+#: The queue (jobs.queue), on the parent run of each job. The run's status is the queue state:
+#: SCHEDULED = queued, RUNNING = admitted (its Ray job runs), FINISHED / FAILED / KILLED = ended.
+TAG_PRIORITY = "mnistjobs.priority"          # an integer; higher runs first
+TAG_SUBMITTED_AT = "mnistjobs.submitted_at"  # ms since the epoch, the client's clock at submit
+TAG_SUBMITTED_BY = "mnistjobs.submitted_by"  # user@host
+TAG_QUEUE_STATE = "mnistjobs.queue_state"    # queued | admitted | cancelled | ended
+TAG_NEXT_RAY_JOB = "mnistjobs.next_ray_job_id"  # the Ray submission id the admitter will use
+TAG_RESUME = "mnistjobs.resume"              # "true": admit it with --resume (its Tune experiment exists)
+TAG_WAITING_TRIALS = "mnistjobs.waiting_trials"  # the driver's count of trials not yet started
+TAG_TOTAL_TRIALS = "mnistjobs.total_trials"
+TAG_ADMITTED_AT = "mnistjobs.admitted_at"    # ms, when the admitter first started it (keeps its place)
+TAG_SUMMARY = "mnistjobs.summary"            # the spec's one-line summary
+TAG_QUEUE_NOTE = "mnistjobs.queue_note"      # why the admitter could not start it, when it could not
 ROLE_SWEEP = "sweep"
 ROLE_TRIAL = "trial"
 

@@ -80,8 +80,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _choose_port(name: str, explicit: int | None, default: int, host: str) -> int:
-    """The argument > its MNISTJOBS_*_PORT variable > ``default``; 0 picks a free one."""
+def _choose_port(name: str, explicit: int | None, default: int, host: str, previous: int | None = None) -> int:
+    """The argument > its MNISTJOBS_*_PORT variable > ``default``; 0 picks a free one. When the
+    services come back after dying (``previous``: the port they had), a port left to choose (none
+    given, or 0) is the one they had when it is free, so the URLs the queue's jobs hold still work."""
     what, var, option = PORTS[name]
     port = explicit
     if port is None and os.environ.get(var) not in (None, ""):
@@ -89,6 +91,8 @@ def _choose_port(name: str, explicit: int | None, default: int, host: str) -> in
             port = int(os.environ[var])
         except ValueError:
             raise ServiceError(f"{var}={os.environ[var]!r} is not a port number") from None
+    if previous and (port is None or port == 0) and port_is_free(previous, host):
+        return previous
     port = default if port is None else port
     if port == 0:
         return free_port()
@@ -100,11 +104,13 @@ def _choose_port(name: str, explicit: int | None, default: int, host: str) -> in
 
 
 def _choose_ports(host: str, settings: dict[str, Any], ray: int | None, dashboard: int | None,
-                  mlflow: int | None) -> dict[str, int]:
+                  mlflow: int | None, previous: "Services | None" = None) -> dict[str, int]:
+    before = previous or Services("", "", "", "", "", "", 0, 0, "", 0, 0, "")
     ports = {
-        "ray": _choose_port("ray", ray, DEFAULT_RAY_PORT, host),
-        "dashboard": _choose_port("dashboard", dashboard, DEFAULT_DASHBOARD_PORT, host),
-        "mlflow": _choose_port("mlflow", mlflow, int(settings.get("port") or DEFAULT_MLFLOW_PORT), host),
+        "ray": _choose_port("ray", ray, DEFAULT_RAY_PORT, host, before.ray_port),
+        "dashboard": _choose_port("dashboard", dashboard, DEFAULT_DASHBOARD_PORT, host, before.dashboard_port),
+        "mlflow": _choose_port("mlflow", mlflow, int(settings.get("port") or DEFAULT_MLFLOW_PORT), host,
+                               before.mlflow_port),
     }
     if len(set(ports.values())) < 3:
         raise ServiceError(f"The three service ports must differ: {ports}")
@@ -204,7 +210,7 @@ def up(home: str | os.PathLike | None = None, *, host: str | None = None, ray_po
     except StateError as e:
         raise ServiceError(str(e)) from None
     with locked(home_path):
-        rec = load_record(home_path)
+        rec = previous = load_record(home_path)
         if rec is not None:
             if _both_answer(rec):
                 rec.reused = True
@@ -217,7 +223,7 @@ def up(home: str | os.PathLike | None = None, *, host: str | None = None, ray_po
         except SettingsError as e:
             raise ServiceError(str(e)) from None
         host = host or settings.get("host") or DEFAULT_HOST
-        ports = _choose_ports(host, settings, ray_port, dashboard_port, mlflow_port)
+        ports = _choose_ports(host, settings, ray_port, dashboard_port, mlflow_port, previous)
         services = _start(home_path, settings, host, ports, num_cpus=num_cpus, num_gpus=num_gpus,
                           timeout=timeout, log=log)
         write_record(home_path, services)

@@ -37,7 +37,8 @@ from typing import Any
 
 from ray import tune
 
-from jobs.contract import ROLE_TRIAL, TAG_TRIAL
+from jobs.contract import (ROLE_TRIAL, TAG_DIVERGED, TAG_DIVERGED_REASON, TAG_QUEUE_STATE, TAG_TRIAL,
+                           TAG_WAITING_TRIALS)
 from jobs.grid import trial_config, trial_name
 from jobs.trial import stopped_tags, train_trial
 
@@ -87,6 +88,38 @@ def close_stopped_run(mlf, run_id: str, epoch: int | None, planned: int) -> None
     mlf.set_terminated(run_id, "FINISHED")
 
 
+def _error_text(trial) -> str:
+    try:
+        return str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001 - no error file (yet)
+        return ""
+
+
+def failure_line(trial) -> str:
+    """What happened to a failed trial, in one line: the error's type and its first line; a
+    worker that died says so (Tune's ActorDiedError)."""
+    text = _error_text(trial)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "ActorDiedError" in text or "RayActorError" in text or "actor died" in text.lower():
+        pid = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("pid:")), None)
+        cause = "its worker process died" + (f" (pid {pid})" if pid else "")
+        if "SIGKILL" in text or "killed" in text.lower():
+            cause += ", killed"
+        return cause
+    last = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), "")
+    return (" ".join(last.split())[:200] or "it raised an error")
+
+
+def print_traceback(trial) -> None:
+    """The whole error into the job's log, each line prefixed with :data:`TRACE_PREFIX`: the
+    CLI shows one line per failure and these only with ``logs JOB --full``."""
+    from jobs.client import TRACE_PREFIX
+
+    text = _error_text(trial)
+    if text:
+        print("\n".join(f"{TRACE_PREFIX}{line}" for line in text.rstrip().splitlines()), flush=True)
+
+
 class Progress(tune.Callback):
     """One line per epoch and per trial event (the job's log, followed by `submit --wait`), and
     the MLflow run of every trial Tune stopped on purpose closed: at once for one stopped before
@@ -95,9 +128,32 @@ class Progress(tune.Callback):
     ``stop_all``). Pickled with the tuner (``Tuner.restore`` brings it back): it holds names, not
     clients, and never lets an MLflow error break Tune's loop (``run_sweep`` checks again)."""
 
-    def __init__(self, n_trials: int, tracking_uri: str, job_id: str, experiment_id: str) -> None:
+    def __init__(self, n_trials: int, tracking_uri: str, job_id: str, experiment_id: str,
+                 parent_run_id: str | None = None) -> None:
         self.n_trials, self.tracking_uri, self.job_id, self.experiment_id = n_trials, tracking_uri, job_id, experiment_id
+        self.parent_run_id = parent_run_id
         self.done = 0
+        self.reported_waiting: int | None = None
+
+    def _uri(self) -> str:
+        """This driver's tracking URI (a restored callback may carry an older one)."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
+    def on_step_end(self, iteration, trials, **info):
+        """Tell the queue how many of the job's trials have not started yet (the parent run's
+        ``mnistjobs.waiting_trials``): the next job in the queue starts when it reaches 0."""
+        started = sum(t.status != "PENDING" for t in trials)
+        waiting = max(0, self.n_trials - started)
+        if waiting == getattr(self, "reported_waiting", None) or not getattr(self, "parent_run_id", None):
+            return
+        from jobs import tracking
+
+        try:
+            tracking.client(self._uri()).set_tag(self.parent_run_id, TAG_WAITING_TRIALS, str(waiting))
+            self.reported_waiting = waiting
+        except Exception as e:  # noqa: BLE001 - never break Tune's loop; tried again next step
+            print(f"  note: could not report the waiting trials to MLflow: {' '.join(str(e).split())[:200]}",
+                  flush=True)
 
     @staticmethod
     def _name(trial) -> str:
@@ -119,7 +175,7 @@ class Progress(tune.Callback):
         if not wanted:
             return
         try:
-            mlf = tracking.client(self.tracking_uri)
+            mlf = tracking.client(self._uri())
             for run in tracking.job_runs(mlf, self.job_id, role="trial", experiment_ids=[self.experiment_id]):
                 trial = wanted.get(run.data.tags.get(TAG_TRIAL))
                 if trial is not None and run.info.status == "RUNNING":
@@ -135,8 +191,27 @@ class Progress(tune.Callback):
               f"test loss {result.get('test_loss', float('nan')):.4f}  "
               f"lr {result.get('lr', float('nan')):.4g}  {result.get('epoch_seconds', 0):.1f}s", flush=True)
 
+    def _diverged_reason(self, trial) -> str | None:
+        """fit's one line when the trial's run ended FAILED with ``mnistjobs.diverged=true`` (the
+        trial closes it itself and returns, so that Tune does not retry it)."""
+        from jobs import tracking
+
+        try:
+            mlf = tracking.client(self._uri())
+            for run in tracking.job_runs(mlf, self.job_id, role="trial", experiment_ids=[self.experiment_id]):
+                if run.data.tags.get(TAG_TRIAL) == trial.trial_id and run.data.tags.get(TAG_DIVERGED) == "true":
+                    return run.data.tags.get(TAG_DIVERGED_REASON) or "diverged"
+        except Exception:  # noqa: BLE001 - never break Tune's loop
+            pass
+        return None
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
+        reason = self._diverged_reason(trial)
+        if reason is not None:
+            print(f"[{self._name(trial)}] DIVERGED, not retried: {reason} ({self.done}/{self.n_trials} trials done)",
+                  flush=True)
+            return
         epoch, planned = self._epochs(trial)
         if epoch is not None and epoch < planned:  # a stopper's or a scheduler's decision
             print(f"[{self._name(trial)}] stopped by Tune after epoch {epoch}/{planned} ({self.done}/{self.n_trials} "
@@ -146,33 +221,27 @@ class Progress(tune.Callback):
             print(f"[{self._name(trial)}] finished ({self.done}/{self.n_trials} trials done)", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"[{self._name(trial)}] failed; retrying from its last checkpoint", flush=True)
+        epoch = (trial.last_result or {}).get("epoch")
+        where = f"from epoch {epoch}'s checkpoint" if epoch else "from the start (no checkpoint yet)"
+        print(f"[{self._name(trial)}] {failure_line(trial)}; retrying {where} (failure {trial.num_failures})",
+              flush=True)
+        print_traceback(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
-        print(f"[{self._name(trial)}] FAILED for good ({self.done}/{self.n_trials} trials done); "
-              f"see its error in the Ray dashboard or the job log", flush=True)
+        print(f"[{self._name(trial)}] FAILED for good: {failure_line(trial)} ({self.done}/{self.n_trials} trials "
+              f"done; `mnistjobs logs JOB --full` shows the traceback)", flush=True)
+        print_traceback(trial)
 
     def on_experiment_end(self, trials, **info):
         self._close([t for t in trials if t.status == "TERMINATED"])
 
 
-def _or_recipe(value):
-    return "per model recipe" if value is None else value
-
-
 def open_sweep_run(mlf, spec, job_id: str, experiment_id: str, ray_job_id: str | None):
-    """The job's parent run (found again on resume) with the sweep's params and the spec."""
+    """The job's parent run, marked RUNNING (``jobs.tracking.open_sweep_run``)."""
     from jobs import tracking
 
-    params = {"models": spec.models, "schedules": ";".join(s for _, s in spec.schedule_labels()),
-              "seeds": spec.seed_list(), "trials": len(spec.points()), "epochs": spec.epochs,
-              "batch_size": _or_recipe(spec.batch_size), "optimizer": _or_recipe(spec.optimizer),
-              "augment": _or_recipe(spec.augment),
-              "train_limit": spec.train_limit, "test_limit": spec.test_limit,
-              "gpus_per_trial": spec.gpus_per_trial, "cpus_per_trial": spec.cpus_per_trial,
-              "max_failures": spec.max_failures}
-    return tracking.SweepRun.open(mlf, experiment_id, job_id, spec.to_dict(), params=params, ray_job_id=ray_job_id)
+    return tracking.open_sweep_run(mlf, spec, job_id, experiment_id, ray_job_id)
 
 
 def check_resources(spec) -> float:
@@ -200,7 +269,8 @@ def build_tuner(spec, job: dict[str, Any], storage: str, gpus: float, *, resume:
                                   resume_errored=True, restart_errored=False)
     if resume:
         print(f"  nothing to restore in {experiment_path}; starting the sweep afresh", flush=True)
-    progress = Progress(len(spec.points()), job["tracking_uri"], job["job_id"], job["experiment_id"])
+    progress = Progress(len(spec.points()), job["tracking_uri"], job["job_id"], job["experiment_id"],
+                        job.get("parent_run_id"))
     return tune.Tuner(
         trainable, param_space=spec.param_space(job=job),
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent or None, reuse_actors=True,
@@ -219,6 +289,9 @@ def _tune_environment() -> None:
     # Snapshot the experiment state every 2 s (Tune's "auto": >= 10 s): a killed driver then
     # leaves a state that `resume` trusts, with finished trials finished and recent checkpoints.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # A trial's error goes to the log once, from Progress (one line, then the traceback marked
+    # for `logs --full`), not also as Tune's own ERROR record.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
 
 
 def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ray_job_id: str | None = None,
@@ -239,6 +312,12 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
         return 2
     storage = resolve_storage(spec.storage_path)
     mlf = tracking.client(tracking_uri)
+    from jobs import queue
+
+    queued = queue.find(mlf, job_id)
+    if queued is not None and queued.data.tags.get(TAG_QUEUE_STATE) == queue.CANCELLED:
+        print(f"mnistjobs sweep {job_id}: cancelled while it was queued; not started", flush=True)
+        return 0
     sweep_run = open_sweep_run(mlf, spec, job_id, experiment_id, ray_job_id)
     print(f"mnistjobs sweep {job_id}: {spec.summary()}", flush=True)
     print(f"  MLflow: {tracking.run_url(tracking_uri, experiment_id, sweep_run.run_id)}", flush=True)
@@ -246,6 +325,7 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
 
     def on_sigterm(signum, frame):  # `mnistjobs cancel` / `ray job stop`: no run stays RUNNING
         try:
+            mlf.set_tag(sweep_run.run_id, TAG_QUEUE_STATE, queue.ENDED)
             n = tracking.end_job_runs(mlf, job_id, "KILLED", experiment_ids=[experiment_id])
             print(f"mnistjobs sweep {job_id}: stopped; {n} MLflow run(s) marked KILLED", flush=True)
         finally:
@@ -258,6 +338,7 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
         load_data(spec.data_dir, train_limit=1, test_limit=1)
     except DataError as e:
         print(f"mnistjobs sweep {job_id}: {e}", file=sys.stderr, flush=True)
+        mlf.set_tag(sweep_run.run_id, TAG_QUEUE_STATE, queue.ENDED)
         sweep_run.finish("FAILED")
         return 1
     job = {"job_id": job_id, "experiment_id": experiment_id, "parent_run_id": sweep_run.run_id,
@@ -269,10 +350,15 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     # Trials that finished (or were stopped on purpose) closed their runs; any still RUNNING
     # failed for good.
     failed = tracking.end_job_runs(mlf, job_id, "FAILED", experiment_ids=[experiment_id], role=ROLE_TRIAL)
-    ok = errors == 0 and failed == 0
+    trial_runs = tracking.job_runs(mlf, job_id, role=ROLE_TRIAL, experiment_ids=[experiment_id])
+    diverged = sum(r.data.tags.get(TAG_DIVERGED) == "true" for r in trial_runs)
+    # A diverged trial is an outcome of its recipe (in a search, of the space), not a failure
+    # of the job: the job fails when every trial diverged.
+    ok = errors == 0 and failed == 0 and (diverged == 0 or diverged < len(results))
+    mlf.set_tag(sweep_run.run_id, TAG_QUEUE_STATE, queue.ENDED)
     sweep_run.finish("FINISHED" if ok else "FAILED")
     print(f"mnistjobs sweep {job_id}: {len(results)} trial{'s' if len(results) != 1 else ''}, {errors} failed, "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
+          + (f"{diverged} diverged, " if diverged else "") + f"{time.perf_counter() - start:.1f} s", flush=True)
     return 0 if ok else 1
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from jobs.contract import (ROLE_SWEEP, ROLE_TRIAL, SPEC_ARTIFACT, TAG_DEVICE, TAG_JOB, TAG_NODE, TAG_RAY_JOB, TAG_ROLE,
+from jobs.contract import (ROLE_SWEEP, ROLE_TRIAL, SPEC_ARTIFACT, TAG_DEVICE, TAG_DIVERGED, TAG_JOB, TAG_NODE, TAG_RAY_JOB, TAG_ROLE,
                            sweep_run_name)
 from jobs.mlflow_runs import job_filter, job_runs, metric_history, param_value, quote, search_all
 from jobs.trialrun import (DEFAULT_PATIENCE_S, PATIENCE_VAR, TrackingUnavailable, TrialRun, fail_fast_requests,
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
 
 __all__ = ["client", "get_or_create_experiment", "experiment_url", "run_url", "search_all", "job_filter",
-           "job_runs", "metric_history", "end_job_runs", "run_finished", "trial_rows", "SweepRun", "TrialRun",
+           "job_runs", "metric_history", "end_job_runs", "open_sweep_run", "run_finished", "trial_rows", "SweepRun", "TrialRun",
            "TrackingUnavailable", "fail_fast_requests", "is_transient", "patience_s", "PATIENCE_VAR",
            "DEFAULT_PATIENCE_S", "quote", "param_value", "TAG_NODE", "TAG_DEVICE"]
 
@@ -101,27 +101,34 @@ class SweepRun:
 
     def __init__(self, mlf: "MlflowClient", experiment_id: str, run_id: str, job_id: str):
         self.mlf, self.experiment_id, self.run_id, self.job_id = mlf, experiment_id, run_id, job_id
+        self.existing = None  # the run as it was found (None: created now)
 
     @classmethod
     def open(cls, mlf: "MlflowClient", experiment_id: str, job_id: str, spec: dict[str, Any],
-             params: dict[str, Any] | None = None, ray_job_id: str | None = None) -> "SweepRun":
-        """Find the job's parent run in the experiment ``experiment_id`` (a resumed job) or
-        create it with ``params`` and the spec as ``spec.json``. The experiment must exist: the
-        job client creates it at submit time (:func:`get_or_create_experiment`)."""
+             params: dict[str, Any] | None = None, ray_job_id: str | None = None,
+             status: str = "RUNNING") -> "SweepRun":
+        """Find the job's parent run in the experiment ``experiment_id`` (queued by the job
+        client, or a resumed job) and mark it ``status``, or create it with ``params`` and the
+        spec as ``spec.json``. The experiment must exist: the job client creates it at submit
+        time (:func:`get_or_create_experiment`). ``existing`` says which it was."""
         from mlflow.entities import Param
 
         existing = job_runs(mlf, job_id, role=ROLE_SWEEP, experiment_ids=[experiment_id])
         if existing:
             run = existing[0]
-            if run.info.status != "RUNNING":
-                mlf.update_run(run.info.run_id, status="RUNNING")
+            if run.info.status != status:
+                mlf.update_run(run.info.run_id, status=status)
             if ray_job_id:
                 mlf.set_tag(run.info.run_id, TAG_RAY_JOB, ray_job_id)
-            return cls(mlf, experiment_id, run.info.run_id, job_id)
+            found = cls(mlf, experiment_id, run.info.run_id, job_id)
+            found.existing = run
+            return found
         tags = {TAG_JOB: job_id, TAG_ROLE: ROLE_SWEEP}
         if ray_job_id:
             tags[TAG_RAY_JOB] = ray_job_id
         run_id = mlf.create_run(experiment_id, run_name=sweep_run_name(job_id), tags=tags).info.run_id
+        if status != "RUNNING":
+            mlf.update_run(run_id, status=status)
         if params:
             mlf.log_batch(run_id, params=[Param(k, param_value(v)) for k, v in params.items()])
         mlf.log_dict(run_id, spec, SPEC_ARTIFACT)
@@ -129,6 +136,25 @@ class SweepRun:
 
     def finish(self, status: str) -> None:
         self.mlf.set_terminated(self.run_id, status)
+
+
+def _or_recipe(value):
+    return "per model recipe" if value is None else value
+
+
+def open_sweep_run(mlf: "MlflowClient", spec, job_id: str, experiment_id: str, ray_job_id: str | None,
+                   status: str = "RUNNING") -> SweepRun:
+    """The job's parent run (found again when queued or resumed) with the sweep's params and the
+    spec; the queue (``jobs.queue.enqueue``) creates it SCHEDULED, the driver marks it RUNNING."""
+    params = {"models": spec.models, "schedules": ";".join(s for _, s in spec.schedule_labels()),
+              "seeds": spec.seed_list(), "trials": len(spec.points()), "epochs": spec.epochs,
+              "batch_size": _or_recipe(spec.batch_size), "optimizer": _or_recipe(spec.optimizer),
+              "augment": _or_recipe(spec.augment),
+              "train_limit": spec.train_limit, "test_limit": spec.test_limit,
+              "gpus_per_trial": spec.gpus_per_trial, "cpus_per_trial": spec.cpus_per_trial,
+              "max_failures": spec.max_failures}
+    return SweepRun.open(mlf, experiment_id, job_id, spec.to_dict(), params=params, ray_job_id=ray_job_id,
+                         status=status)
 
 
 # ------------------------------------------------------------------------------------- status
@@ -146,5 +172,6 @@ def trial_rows(mlf: "MlflowClient", job_id: str) -> list[dict[str, Any]]:
                      "best_acc": max((value for _, value in history), default=None),
                      "epoch": max((step for step, _ in history), default=0), "run_id": run.info.run_id,
                      "experiment_id": run.info.experiment_id, "node": run.data.tags.get(TAG_NODE),
-                     "device": run.data.tags.get(TAG_DEVICE)})
+                     "device": run.data.tags.get(TAG_DEVICE),
+                     "diverged": run.data.tags.get(TAG_DIVERGED) == "true"})
     return sorted(rows, key=lambda r: r["name"] or "")

@@ -52,14 +52,20 @@ def job_client(rec):
 
 
 def job_status(rec, job: str) -> str:
-    info = job_client(rec).get_job_info(job)
+    """The Ray job's state; QUEUED while the queue has not started it (Ray does not know it yet)."""
+    try:
+        info = job_client(rec).get_job_info(job)
+    except RuntimeError as exc:
+        if "404" in str(exc) or "does not exist" in str(exc).lower():
+            return "QUEUED"
+        raise
     return str(getattr(info.status, "value", info.status))
 
 
 def job_ended(status: str) -> bool:
     from ray.job_submission import JobStatus
 
-    return JobStatus(status).is_terminal()
+    return status != "QUEUED" and JobStatus(status).is_terminal()
 
 
 def job_logs(rec, job: str) -> str:

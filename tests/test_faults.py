@@ -418,7 +418,16 @@ def test_sigkill_trial_worker_mid_epoch(cluster, data, tmp_path):
 
     assert _wait_job(rec, job, 300) == "SUCCEEDED", job_logs(rec, job)[-3000:]
     logs = job_logs(rec, job)
-    assert "failed; retrying from its last checkpoint" in logs
+    # One line says which trial, what happened and the epoch it resumes from; the traceback is in
+    # the job's log, marked, and only `logs --full` shows it.
+    assert "[v0-cosine-s1] its worker process died" in logs and "retrying from epoch 1's checkpoint" in logs, logs[-3000:]
+    shown = run_cli(["logs", job], home=rec.home).output
+    full = run_cli(["logs", job, "--full"], home=rec.home).output
+    from jobs.client import TRACE_PREFIX
+
+    assert "retrying from epoch 1's checkpoint" in shown and "ActorDiedError" not in shown
+    assert not any(line.startswith(TRACE_PREFIX) for line in shown.splitlines())
+    assert "ActorDiedError" in full and any(line.startswith(TRACE_PREFIX) for line in full.splitlines())
     runs = trial_runs(mlf, job)
     assert list(runs) == ["v0-cosine-s1"] and runs["v0-cosine-s1"].info.run_id == run_id  # the same run
     run = mlf.get_run(run_id)
