@@ -268,7 +268,8 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
     spec = _spec_of(config_file, address, {
         "models": list(models) or None, "schedules": list(schedules) or None, "seeds": seeds,
         "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent,
-        "max_failures": max_failures, "experiment": experiment, "priority": priority}, recipe)
+        "max_failures": max_failures, "experiment": experiment, "priority": priority}, recipe,
+        home=home, dry_run=dry_run)
     if dry_run:
         click.echo(f"Dry run, nothing submitted. {spec.summary()}, experiment {spec.experiment!r}:")
         click.echo(format_trial_table(spec))
@@ -303,10 +304,9 @@ def _echo_job_links(cluster, job_id, spec) -> None:
 TRAIN_KEYS = ("lr", "momentum", "weight_decay", "label_smoothing", "dropout", "clean_epochs", "ema", "tta")
 
 
-def _spec_of(config_file, address, options: dict, recipe: dict):
+def _spec_of(config_file, address, options: dict, recipe: dict, *, home=None, dry_run: bool = False):
     """The sweep spec: the --config file, then the options; validated, its local data checked."""
     from jobs.spec import SpecError, SweepSpec
-    from mnistnets.data import DataError
 
     train = {k: recipe[k] for k in TRAIN_KEYS if recipe.get(k) is not None}
     fields = {k: v for k, v in recipe.items() if k not in TRAIN_KEYS}
@@ -318,10 +318,14 @@ def _spec_of(config_file, address, options: dict, recipe: dict):
         spec.validate()
     except SpecError as exc:
         raise UsageFailure(str(exc)) from None
-    if not address and spec.data_dir:  # the embedded cluster reads it here: check it now
-        from jobs.datadir import load_data
+    if not address and (spec.data_dir or not dry_run):
+        # The embedded cluster is this machine: find (or download) the data now, before any
+        # service starts, and hand the job that folder. Offline with no data: exit 2 here.
+        from jobs.datadir import load_data, resolve_data_dir
+        from mnistnets.data import DataError
 
         try:
+            spec.data_dir = str(resolve_data_dir(spec.data_dir, home=home))
             load_data(spec.data_dir, train_limit=1, test_limit=1)
         except DataError as exc:
             raise UsageFailure(str(exc)) from None

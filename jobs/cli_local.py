@@ -399,3 +399,7 @@ def down_cmd(home):
         click.echo(f"Nothing to stop: no embedded services are recorded in {resolve_home(home)}.")
     else:
         click.echo(f"Stopped the embedded Ray ({rec.dashboard_url}) and MLflow ({rec.mlflow_url}).")
+        held = getattr(rec, "held_jobs", [])
+        if held:
+            click.echo(f"{len(held)} running job(s) ({', '.join(held)}) start again at their place in the queue "
+                       f"after `mnistjobs up`, from their trials' checkpoints; queued jobs stay queued.")

@@ -46,6 +46,7 @@ TAG_WAITING_TRIALS = "mnistjobs.waiting_trials"  # the driver's count of trials 
 TAG_TOTAL_TRIALS = "mnistjobs.total_trials"
 TAG_ADMITTED_AT = "mnistjobs.admitted_at"    # ms, when the admitter first started it (keeps its place)
 TAG_SUMMARY = "mnistjobs.summary"            # the spec's one-line summary
+TAG_HELD = "mnistjobs.held_by"              # "down": stopped by `mnistjobs down`, starts again after `up`
 TAG_QUEUE_NOTE = "mnistjobs.queue_note"      # why the admitter could not start it, when it could not
 ROLE_SWEEP = "sweep"
 ROLE_TRIAL = "trial"

@@ -20,7 +20,9 @@ The rule: the first job in that order that is not running starts once every runn
 it has no trial left to start (backfill: it gets what they leave free). So on room for one trial,
 sweeps run strictly one after another.
 
-After the Ray head dies (its job table goes with it), an admitted job whose Ray job is gone is
+`mnistjobs down` marks the admitted jobs held (``mnistjobs.held_by=down``) before it stops Ray: their
+drivers then leave their runs as they are instead of marking them KILLED. After the Ray head
+dies, or after such a `down`, (its job table goes with it), an admitted job whose Ray job is gone is
 started again at its place with ``--resume`` as ``<job>-rN``: its Tune experiment continues from
 the trials' checkpoints in the same MLflow runs. An admitted job whose Ray job ended without
 closing its runs (a driver SIGKILLed) has them closed (FAILED, or KILLED for a stopped job): no
@@ -47,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from jobs.client import JobUsageError
-from jobs.contract import (ROLE_SWEEP, ROLE_TRIAL, SPEC_ARTIFACT, TAG_ADMITTED_AT, TAG_JOB, TAG_NEXT_RAY_JOB,
+from jobs.contract import (ROLE_SWEEP, ROLE_TRIAL, SPEC_ARTIFACT, TAG_ADMITTED_AT, TAG_HELD, TAG_JOB, TAG_NEXT_RAY_JOB,
                            TAG_PRIORITY, TAG_QUEUE_NOTE, TAG_QUEUE_STATE, TAG_RAY_JOB, TAG_RESUME, TAG_ROLE,
                            TAG_SUBMITTED_AT, TAG_SUBMITTED_BY, TAG_SUMMARY, TAG_TOTAL_TRIALS, TAG_WAITING_TRIALS)
 
@@ -251,6 +253,18 @@ def cancel_queued(mlf: "MlflowClient", run) -> None:
     mlf.set_terminated(run.info.run_id, "KILLED")
 
 
+def hold_admitted(mlf: "MlflowClient") -> list[str]:
+    """Before `mnistjobs down` stops the cluster: mark every admitted job as held, so that its
+    driver, stopped with the head, leaves its runs as they are (not KILLED), and the admitter
+    starts it again at its place after `up`. Returns the held jobs' ids."""
+    held = []
+    for e in read(mlf):
+        if not e.queued:
+            mlf.set_tag(e.run_id, TAG_HELD, "down")
+            held.append(e.job_id)
+    return held
+
+
 def _delete_tag(mlf: "MlflowClient", run_id: str, key: str) -> None:
     try:
         mlf.delete_tag(run_id, key)
@@ -361,6 +375,7 @@ class Admitter:
         if e.queued:
             tags[TAG_ADMITTED_AT] = now_ms()
         _delete_tag(self.mlf, e.run_id, TAG_WAITING_TRIALS)  # the new driver reports afresh
+        _delete_tag(self.mlf, e.run_id, TAG_HELD)
         self.mlf.log_batch(e.run_id, tags=_tags(tags))
         self.mlf.update_run(e.run_id, status="RUNNING")
         try:

@@ -18,6 +18,7 @@ from jobs.state import resolve_home
 from mnistnets.files import write_atomic
 
 RECORD_NAME = "services.json"
+LAST_RECORD_NAME = "services.last.json"  # what `down` stopped: `up` takes the same ports again
 
 
 @dataclass
@@ -80,6 +81,22 @@ def load_record(home: str | os.PathLike | None = None) -> Services | None:
 
 def write_record(home: Path, services: Services) -> None:
     write_atomic(record_path(home), services.to_json(), mode=0o600)
+
+
+def forget_record(home: Path) -> None:
+    """`down`: services.json goes; its copy ``services.last.json`` stays, so that the next `up`
+    takes the same ports when they are free (the URLs in MLflow runs and queued jobs stay valid)."""
+    path = record_path(home)
+    if path.is_file():
+        os.replace(path, Path(home) / LAST_RECORD_NAME)
+
+
+def load_last_record(home: str | os.PathLike | None = None) -> Services | None:
+    path = resolve_home(home) / LAST_RECORD_NAME
+    try:
+        return Services.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 @contextlib.contextmanager

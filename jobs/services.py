@@ -27,7 +27,8 @@ from jobs import procs
 from jobs.cluster import mlflow_answers, ray_answers
 from jobs.mlflow_server import (DEFAULT_HOST, DEFAULT_PORT as DEFAULT_MLFLOW_PORT, SettingsError,
                                 load_mlflow_settings, make_store_dirs, mlflow_server_command, server_env)
-from jobs.record import RECORD_NAME, Services, load_record, locked, record_path, write_record  # noqa: F401 (re-exported)
+from jobs.record import (RECORD_NAME, Services, forget_record, load_last_record, load_record, locked,  # noqa: F401
+                         record_path, write_record)
 from jobs.state import StateError, ensure_home, ensure_token, ray_auth_env, ray_temp_dir, resolve_home
 
 DEFAULT_RAY_PORT = 6379
@@ -211,6 +212,8 @@ def up(home: str | os.PathLike | None = None, *, host: str | None = None, ray_po
         raise ServiceError(str(e)) from None
     with locked(home_path):
         rec = previous = load_record(home_path)
+        if previous is None:
+            previous = load_last_record(home_path)  # after `down`: the same ports, when free
         if rec is not None:
             if _both_answer(rec):
                 rec.reused = True
@@ -350,6 +353,20 @@ def down(home: str | os.PathLike | None = None, grace: float = 5.0) -> Services 
         rec = load_record(home_path)
         if rec is None:
             return None
+        rec.held_jobs = _hold_running_jobs(rec)
         _stop(rec, grace=grace)
-        record_path(home_path).unlink(missing_ok=True)
+        forget_record(home_path)
         return rec
+
+
+def _hold_running_jobs(rec: Services) -> list[str]:
+    """The queue's running jobs, marked to start again after `up` (jobs.queue.hold_admitted);
+    nothing when MLflow does not answer (their drivers then mark their runs KILLED)."""
+    if not mlflow_answers(rec.mlflow_url):
+        return []
+    try:
+        from jobs import queue, tracking
+
+        return queue.hold_admitted(tracking.client(rec.mlflow_url))
+    except Exception:  # noqa: BLE001 - stopping must not fail on the queue's store
+        return []

@@ -37,7 +37,7 @@ from typing import Any
 
 from ray import tune
 
-from jobs.contract import (ROLE_TRIAL, TAG_DIVERGED, TAG_DIVERGED_REASON, TAG_QUEUE_STATE, TAG_TRIAL,
+from jobs.contract import (ROLE_TRIAL, TAG_DIVERGED, TAG_DIVERGED_REASON, TAG_HELD, TAG_QUEUE_STATE, TAG_TRIAL,
                            TAG_WAITING_TRIALS)
 from jobs.grid import trial_config, trial_name
 from jobs.trial import stopped_tags, train_trial
@@ -325,6 +325,10 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
 
     def on_sigterm(signum, frame):  # `mnistjobs cancel` / `ray job stop`: no run stays RUNNING
         try:
+            if mlf.get_run(sweep_run.run_id).data.tags.get(TAG_HELD) == "down":  # `mnistjobs down`
+                print(f"mnistjobs sweep {job_id}: stopped by `mnistjobs down`; the queue starts it again at its "
+                      f"place after `mnistjobs up`, from its trials' checkpoints", flush=True)
+                return
             mlf.set_tag(sweep_run.run_id, TAG_QUEUE_STATE, queue.ENDED)
             n = tracking.end_job_runs(mlf, job_id, "KILLED", experiment_ids=[experiment_id])
             print(f"mnistjobs sweep {job_id}: stopped; {n} MLflow run(s) marked KILLED", flush=True)

@@ -207,7 +207,9 @@ def train_trial(config: dict[str, Any]) -> None:
     try:
         checkpoint = tune.get_checkpoint()
         resume_from, resumed, run_id = _restore(checkpoint, work, name, _trial_storage(context, checkpoint))
-        mlf = tracking.client(job["tracking_uri"])
+        # The job's own URI first: a trial restored after `up` runs under a new Ray job whose
+        # environment holds the tracking URI of the services running now.
+        mlf = tracking.client(os.environ.get("MLFLOW_TRACKING_URI") or job["tracking_uri"])
         if resumed is not None and resumed["epoch"] >= cfg.epochs and tracking.run_finished(mlf, run_id):
             # Trained and logged to the end before a driver died: Tune's snapshot did not know.
             print(f"[{name}] finished already (epoch {resumed['epoch']}/{cfg.epochs}, MLflow run "

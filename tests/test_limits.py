@@ -199,3 +199,23 @@ def test_a_long_bad_value_is_cut_short_in_the_message():
     with pytest.raises(SpecError) as err:
         SweepSpec(models=["v0"], seeds=seeds).validate()
     assert "seeds must be a number N >= 1" in str(err.value) and len(str(err.value)) < 300
+
+
+def test_offline_submit_without_data_fails_fast_before_any_service(tmp_path):
+    """The embedded default resolves the data first: with no data folder and no network (a proxy
+    that refuses every connection), `submit` exits 2 with one message that says how to point at
+    a local copy, and starts nothing: no state folder, no services."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("MNISTJOBS_DATA_DIR", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update({"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+                "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": ""})
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--models", "v0", "--home", str(home)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = result.stderr
+    assert message.count("Could not download MNIST") == 1 and "--data-dir" in message and "MNISTJOBS_DATA_DIR" in message
+    assert "resume" not in message  # a data error is not fixed by resuming
+    assert not home.exists()  # nothing created: no state folder, so no services were started
