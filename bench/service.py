@@ -17,6 +17,7 @@ gain from running them side by side.
     python bench/service.py                                   # v0,v2, 1 seed, 2 epochs, 6000/2000 images
     python bench/service.py --epochs 15 --full                # the real figure (slow on a CPU)
     python bench/service.py --max-concurrent 0                # let trials run side by side
+    python bench/service.py --only service --footprint        # + the idle services' CPU and memory, CLI latency
 """
 from __future__ import annotations
 
@@ -123,6 +124,61 @@ class WorkerThreads(threading.Thread):
         return out
 
 
+def footprint(rec, seconds: float = 60.0) -> dict:
+    """The idle service set's cost (psutil): CPU (user + system seconds of every process of the
+    set over ``seconds``, as % of one core) and memory (proportional set size, so pages shared
+    between processes count once), per process kind."""
+    import psutil
+
+    from jobs import services
+
+    def snapshot() -> dict[int, tuple[str, float, int]]:
+        out = {}
+        for pid in services.service_pids(rec):
+            try:
+                p = psutil.Process(pid)
+                with p.oneshot():
+                    t = p.cpu_times()
+                    name = " ".join(p.cmdline()[:3])[:70] or p.name()
+                    out[pid] = (name, t.user + t.system, p.memory_full_info().pss)
+            except (psutil.Error, OSError):
+                continue
+        return out
+
+    a = snapshot()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    b = snapshot()
+    wall = time.perf_counter() - t0
+    cpu = sum(b[p][1] - a.get(p, (None, 0.0))[1] for p in b)  # processes that ended count no more
+    kinds: dict[str, list[float]] = {}
+    for name, _, pss in b.values():
+        kind = ("mlflow" if "mlflow" in name or "gunicorn" in name or "uvicorn" in name or "huey" in name
+                else "queue admitter" if "QueueActor" in name or "mnistjobs-queue" in name
+                else "ray " + (name.split()[0].split("/")[-1] if name else "?"))
+        kinds.setdefault(kind, []).append(pss)
+    return {"seconds": wall, "cpu_percent_of_one_core": 100.0 * cpu / wall,
+            "pss_total_gb": sum(x[2] for x in b.values()) / 1e9, "processes": len(b),
+            "by_kind": {k: {"n": len(v), "pss_gb": sum(v) / 1e9} for k, v in sorted(kinds.items())}}
+
+
+def cli_latency(base: list[str], home: Path, job: str, env: dict, runs: int = 3) -> dict[str, list[float]]:
+    """Seconds of whole `mnistjobs` processes on the running, idle services (each run ``runs``
+    times): what a user waits for at the prompt."""
+    commands = {"list": ["list"], "status JOB": ["status", job], "queue": ["queue"], "logs JOB": ["logs", job],
+                "cancel JOB (ended)": ["cancel", job], "compare --help": ["compare", "--help"], "--help": ["--help"]}
+    out = {}
+    for name, cmd in commands.items():
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run([*base, *cmd, *(["--home", str(home)] if cmd[-1] != "--help" else [])], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times.append(time.perf_counter() - t)
+        out[name] = times
+    return out
+
+
 def run_service(args, spec, home: Path) -> dict:
     from jobs import services, tracking
     from jobs.contract import ROLE_SWEEP, TAG_ROLE
@@ -179,8 +235,12 @@ def run_service(args, spec, home: Path) -> dict:
                 ray_job = json.load(r)
         except OSError:
             pass
-        marks = [("Ray job accepted", (ray_job.get("start_time") or 0) / 1000),
-                 ("sweep driver opened its MLflow run", parent.info.start_time / 1000 if parent else 0),
+        from jobs.contract import TAG_ADMITTED_AT
+
+        admitted = int((parent.data.tags.get(TAG_ADMITTED_AT) or 0) if parent else 0) / 1000
+        marks = [("queued (its MLflow run created)", parent.info.start_time / 1000 if parent else 0),
+                 ("started by the queue's admitter", admitted),
+                 ("Ray job accepted", (ray_job.get("start_time") or 0) / 1000),
                  ("first trial started", min(t["start"] for t in trials)),
                  ("last trial ended", max(t["end"] for t in trials)),
                  ("sweep driver closed its MLflow run", (parent.info.end_time or 0) / 1000 if parent else 0),
@@ -194,6 +254,10 @@ def run_service(args, spec, home: Path) -> dict:
             now += d
             peak = max(peak, now)
         out["max_parallel"] = peak
+        if args.footprint:
+            time.sleep(5)  # the job's processes wind down
+            out["footprint"] = footprint(rec, args.footprint_seconds)
+            out["cli"] = cli_latency(base, home, job, env)
         return out
     finally:
         rec = services.load_record(home)
@@ -259,6 +323,15 @@ def report(args, spec, svc: dict | None, bare: dict | None) -> None:
         for t in svc["trials"]:
             print(f"             {t['name']:<16} {t['status']:<9} ran {t['start'] - svc['trials'][0]['start']:6.1f}"
                   f" -> {t['end'] - svc['trials'][0]['start']:6.1f} s (relative)")
+    if svc and svc.get("footprint"):
+        f = svc["footprint"]
+        print(f"  idle services after one job ({f['seconds']:.0f} s, {f['processes']} processes): "
+              f"{f['cpu_percent_of_one_core']:.1f}% of one core, {f['pss_total_gb']:.2f} GB (PSS)   "
+              f"(goals: <= 2% and <= 1.5 GB)")
+        for kind, v in f["by_kind"].items():
+            print(f"             {kind:<28} {v['n']:>2} process(es)  {v['pss_gb']:.3f} GB")
+        print("  CLI, whole processes on the idle services (s, each run; goal <= 1 s): "
+              + "; ".join(f"{k} {' '.join(f'{t:.2f}' for t in v)}" for k, v in svc["cli"].items()))
     if bare:
         print(f"(b) bare:    {len(bare['trials'])} fit() calls one after another, torch threads {bare['threads']}: "
               f"{bare['loop_s']:.1f} s (+ {bare['load_s']:.1f} s loading MNIST once); "
@@ -309,6 +382,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the benchmark's Ray head  [all]")
     p.add_argument("--only", choices=("both", "service", "bare"), default="both")
     p.add_argument("--keep", action="store_true", help="keep the temp state folder (logs, MLflow) afterwards")
+    p.add_argument("--footprint", action="store_true",
+                   help="after the sweep, measure the idle services (CPU, PSS memory) and the CLI's latency")
+    p.add_argument("--footprint-seconds", type=float, default=60.0, help="how long to sample the idle services  [60]")
     p.add_argument("--json", metavar="FILE", help="also write the raw numbers as JSON")
     args = p.parse_args(argv)
     if args.full:

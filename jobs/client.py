@@ -443,4 +443,6 @@ def readable(chunks, full: bool = False) -> Iterator[str]:
 
 
 def _hidden(line: str) -> bool:
-    return line.startswith(TRACE_PREFIX) or line.startswith("\x1b") and TRACE_PREFIX in line[:16]
+    """A traceback line of the driver's, or Ray's own long notice of a dead worker (the driver's
+    one line says it)."""
+    return (line.startswith(TRACE_PREFIX) or "(raylet)" in line[:24] and "A worker died or was killed" in line)

@@ -490,9 +490,12 @@ def ensure(client, cluster, *, wait: bool = False, timeout: float = 120.0) -> st
     env = {"PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": cluster.tracking_uri}
     if home:
         env["MNISTJOBS_HOME"] = home
-    ray_job_id = f"mnistjobs-queue-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
+    import secrets
+
+    ray_job_id = f"mnistjobs-queue-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     ray_job_id = client.submit_job(entrypoint=entry, submission_id=ray_job_id, runtime_env={"env_vars": env},
                                    metadata={META_ROLE: ROLE_QUEUE, META_TRACKING_URI: cluster.tracking_uri})
+    # Several clients may start one at once: Ray's get_if_exists makes them one actor.
     if wait:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

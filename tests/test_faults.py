@@ -426,6 +426,7 @@ def test_sigkill_trial_worker_mid_epoch(cluster, data, tmp_path):
     from jobs.client import TRACE_PREFIX
 
     assert "retrying from epoch 1's checkpoint" in shown and "ActorDiedError" not in shown
+    assert "A worker died or was killed" not in shown and "A worker died or was killed" in full  # Ray's notice
     assert not any(line.startswith(TRACE_PREFIX) for line in shown.splitlines())
     assert "ActorDiedError" in full and any(line.startswith(TRACE_PREFIX) for line in full.splitlines())
     runs = trial_runs(mlf, job)

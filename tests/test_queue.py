@@ -62,7 +62,8 @@ def test_only_queued_or_admitted_runs_are_in_the_queue():
 def test_the_followed_log_leaves_tracebacks_out_even_split_across_chunks():
     from jobs.client import TRACE_PREFIX, readable
 
-    log = (f"[v0-cosine-s1] epoch 1/3 ...\n[v0-cosine-s1] its worker process died; retrying from epoch 1's "
+    log = (f"[v0-cosine-s1] epoch 1/3 ...\n\x1b[33m(raylet)\x1b[0m A worker died or was killed while executing a task "
+           f"by an unexpected system error. ...\n[v0-cosine-s1] its worker process died; retrying from epoch 1's "
            f"checkpoint (failure 1)\n{TRACE_PREFIX}Traceback (most recent call last):\n{TRACE_PREFIX}  File x\n"
            f"{TRACE_PREFIX}ray.exceptions.ActorDiedError: ...\n[v0-cosine-s1] epoch 2/3 ...\n")
     for size in (1, 3, 7, len(log)):
