@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,postgres]'
 	touch $@
 
 install: $(STAMP)
@@ -19,9 +19,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mnistjobs submit --models all --wait
 
-## the whole suite, slow (Ray, MLflow, real data, headless Chromium) tests included
+## the whole suite, slow (Ray, MLflow, real data, headless Chromium, PostgreSQL) tests included
 test: $(STAMP)
 	@bash scripts/ensure-chromium.sh
+	@bash scripts/ensure-postgresql.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## only the fast tests

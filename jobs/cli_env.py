@@ -2,8 +2,9 @@
 
 ``env`` prints shell ``export`` lines; after ``eval "$(mnistjobs env)"`` the standard clients of
 the running embedded services just work in that shell (``ray job list``, ``ray get-auth-token``,
-``mlflow experiments search``, a notebook's ``MlflowClient()``). ``token`` prints the Ray
-dashboard's token and how a browser user gives it to the dashboard.
+``mlflow experiments search``, ``mlflow models serve``, a notebook's ``MlflowClient()``: the
+embedded MLflow server's basic-auth login is among the lines). ``token`` prints the Ray
+dashboard's token and how a browser user gives it to the dashboard (and logs in to MLflow's UI).
 
 jobs.cli registers both commands on its group. Both read what runs from the state folder
 (jobs.services.running: the record, and both services answering now); neither starts anything.
@@ -41,13 +42,19 @@ def _running_services(home):
 
 
 def mlflow_credentials(rec) -> dict[str, str]:
-    """MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for the embedded MLflow server.
+    """MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for the embedded MLflow server: its
+    basic-auth app's user and the password from ``<home>/mlflow_password`` (jobs.record); {} when
+    the server runs without the basic-auth app (``app_name: null`` in mlflow/server.yaml)."""
+    return rec.mlflow_credentials
 
-    The seam for MLflow's basic-auth app (issue 15): the embedded server asks for no
-    credentials yet, so this returns nothing. Once the admin password lives in the state folder
-    (beside the Ray token), return both variables here; `env` prints them after the tracking URI.
-    """
-    return {}
+
+def mlflow_login_help(rec) -> str:
+    """How to log in to the MLflow UI (for `up` and `token`); empty without the basic-auth app."""
+    if not rec.mlflow_user:
+        return ""
+    return (f"The MLflow UI at {rec.mlflow_url} asks for a login: user {rec.mlflow_user}, the password "
+            f"is in {rec.mlflow_password_path} (mode 0600). MLflow's own tools and notebooks take both "
+            "from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: `eval \"$(mnistjobs env)\"`.")
 
 
 def service_env(rec) -> dict[str, str]:
@@ -106,9 +113,11 @@ def env_cmd(home):
       ray job list                  # the Ray job API, with the token
       mlflow experiments search     # the embedded MLflow server
 
-    It exports MLFLOW_TRACKING_URI, RAY_ADDRESS (the dashboard URL, what `ray job` takes),
-    RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (the token file), and unsets RAY_AUTH_TOKEN
-    (which would override the token file). The services must be running (`mnistjobs up`).
+    It exports MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the
+    MLflow server's basic-auth login, from <home>/mlflow_password), RAY_ADDRESS (the dashboard
+    URL, what `ray job` takes), RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (the token file), and
+    unsets RAY_AUTH_TOKEN (which would override the token file). The output holds a password:
+    eval it, do not paste it anywhere. The services must be running (`mnistjobs up`).
     """
     rec = _running_services(home)
     click.echo(export_lines(rec), nl=False)
@@ -131,3 +140,7 @@ def token_cmd(home):
     click.echo(token)
     click.echo("", err=True)
     click.echo(dashboard_token_help(rec), err=True)
+    login = mlflow_login_help(rec)
+    if login:
+        click.echo("", err=True)
+        click.echo(login, err=True)

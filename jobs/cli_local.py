@@ -368,8 +368,8 @@ def up_cmd(host, ray_port, dashboard_port, mlflow_port, num_cpus, num_gpus, home
 
     if host and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"WARNING: --host {host}: the Ray dashboard and the MLflow server will accept "
-                   f"connections from the network. Ray asks for its token; MLflow asks for nothing "
-                   f"unless mlflow/server.yaml enables its basic-auth app.", err=True)
+                   f"connections from the network. Ray asks for its token; MLflow for its login "
+                   f"(basic auth, on by default in mlflow/server.yaml).", err=True)
     with service_errors():
         rec = services.up(home, host=host, ray_port=ray_port, dashboard_port=dashboard_port,
                           mlflow_port=mlflow_port, num_cpus=num_cpus, num_gpus=num_gpus,
@@ -381,6 +381,11 @@ def up_cmd(host, ray_port, dashboard_port, mlflow_port, num_cpus, num_gpus, home
     click.echo(("Already running" if rec.reused else "Started") + f" (state folder {rec.home}):")
     if started_queue:
         click.echo(f"  Job queue:     admitter started (Ray job {started_queue}); queued jobs move on")
+    from jobs import cli_env
+
+    login = cli_env.mlflow_login_help(rec)
+    if login:
+        click.echo("  " + login)
     click.echo(f"  Ray dashboard: {rec.dashboard_url}   (token: {rec.token_path})")
     click.echo(f"  Ray address:   {rec.ray_address}")
     click.echo(f"  MLflow:        {rec.mlflow_url}")

@@ -107,7 +107,7 @@ def connect(address: str | None, tracking_uri: str | None, home: str | os.PathLi
         url = dashboard_url_of(address)
         rec = services.load_record(home)
         if rec is not None and rec.dashboard_url.rstrip("/") == url:  # our own embedded head
-            return Cluster(url, rec.headers, tracking_uri or rec.mlflow_url, embedded=True, services=rec)
+            return _embedded(rec, tracking_uri)
         if http_status(f"{url}/api/gcs_healthz") is None:
             raise UnreachableError(f"Nothing answers at the Ray address {url} (--address / RAY_ADDRESS). "
                                    f"Check the address and that the cluster is up, or leave --address "
@@ -122,7 +122,18 @@ def connect(address: str | None, tracking_uri: str | None, home: str | os.PathLi
                 f"The embedded Ray and MLflow of the state folder {resolve_home(home)} are not running, so "
                 f"there are no jobs to see. Start them with `mnistjobs up` (or `mnistjobs submit`), "
                 f"or give --address (RAY_ADDRESS) of another Ray cluster.")
-    return Cluster(rec.dashboard_url, rec.headers, tracking_uri or rec.mlflow_url, embedded=True, services=rec)
+    return _embedded(rec, tracking_uri)
+
+
+def _embedded(rec: "Services", tracking_uri: str | None) -> Cluster:
+    """The Cluster of the embedded services ``rec``; this process's MLflow credentials are set
+    for its tracking URI (jobs.record.use_mlflow_credentials: the embedded server's login, or,
+    for another --tracking-uri, the user's own)."""
+    from jobs.record import use_mlflow_credentials
+
+    uri = tracking_uri or rec.mlflow_url
+    use_mlflow_credentials(uri, rec.home)
+    return Cluster(rec.dashboard_url, rec.headers, uri, embedded=True, services=rec)
 
 
 def job_client(cluster: Cluster):

@@ -2,9 +2,20 @@
 
 ``Services`` is enough for `status`, `down` and the CLI to talk to the embedded Ray head and
 MLflow server; ``locked(home)`` lets one `up`/`down` run at a time per state folder.
+
+MLflow's credentials: when the embedded server runs the basic-auth app, the record names its
+user and the password file (``<home>/mlflow_password``). MLflow's client reads
+MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from the environment at every request, so
+:func:`use_mlflow_credentials` (called by ``jobs.tracking.client``) sets them in this process when
+it talks to an embedded server it knows of: one whose record this process read or wrote, or the
+one of the state folder ($MNISTJOBS_HOME, which the Ray jobs of the embedded cluster carry, so
+drivers, trials and the queue's admitter find the password file; it is never put into a Ray
+job's runtime_env, which the dashboard shows). For any other tracking URI it restores what the
+user had: a user-provided server works with the standard variables, and never gets ours.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -14,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from jobs.cluster import auth_headers
-from jobs.state import resolve_home
+from jobs.state import read_secret, resolve_home
 from mnistnets.files import write_atomic
 
 RECORD_NAME = "services.json"
@@ -43,6 +54,8 @@ class Services:
     num_gpus: int | None = None
     started_at: float = 0.0
     logs: dict[str, str] = field(default_factory=dict)
+    mlflow_user: str | None = None           # MLflow's basic-auth app: its user (None: no auth)
+    mlflow_password_path: str | None = None  # and the file with that user's password (0600)
     reused: bool = False      # set by up() when it found them running; not stored
 
     def to_json(self) -> str:
@@ -66,6 +79,27 @@ class Services:
     def headers(self) -> dict[str, str]:
         return auth_headers(self.token)
 
+    @property
+    def mlflow_password(self) -> str | None:
+        return read_secret(self.mlflow_password_path) if self.mlflow_user else None
+
+    @property
+    def mlflow_credentials(self) -> dict[str, str]:
+        """MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for the server; {} without auth."""
+        password = self.mlflow_password
+        if not (self.mlflow_user and password):
+            return {}
+        return {"MLFLOW_TRACKING_USERNAME": self.mlflow_user, "MLFLOW_TRACKING_PASSWORD": password}
+
+    @property
+    def mlflow_headers(self) -> dict[str, str]:
+        """HTTP headers for raw calls to the MLflow server (HTTP Basic); {} without auth."""
+        creds = self.mlflow_credentials
+        if not creds:
+            return {}
+        pair = f"{creds['MLFLOW_TRACKING_USERNAME']}:{creds['MLFLOW_TRACKING_PASSWORD']}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+
 
 def record_path(home: Path) -> Path:
     return Path(home) / RECORD_NAME
@@ -74,13 +108,73 @@ def record_path(home: Path) -> Path:
 def load_record(home: str | os.PathLike | None = None) -> Services | None:
     path = record_path(resolve_home(home))
     try:
-        return Services.from_dict(json.loads(path.read_text()))
+        rec = Services.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
+    _remember(rec)
+    return rec
 
 
 def write_record(home: Path, services: Services) -> None:
     write_atomic(record_path(home), services.to_json(), mode=0o600)
+    _remember(services)
+
+
+# ------------------------------------------------------------------------ MLflow's credentials
+
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+_known: dict[str, Services] = {}       # embedded servers this process has seen, by URL
+_saved: dict[str, str | None] = {}     # the user's values of CREDENTIAL_VARS before ours were set
+
+
+def _url_key(uri: str) -> str:
+    return uri.strip().rstrip("/").lower()
+
+
+def _remember(rec: Services) -> None:
+    if rec.mlflow_url:
+        _known[_url_key(rec.mlflow_url)] = rec
+
+
+def embedded_record_for(uri: str | None, home: str | os.PathLike | None = None) -> Services | None:
+    """The record of the embedded server at ``uri``: that of the state folder ``home``
+    ($MNISTJOBS_HOME, ./.mnistjobs) when its URL is ``uri``, else one this process has seen."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    key = _url_key(uri)
+    rec = load_record(home)  # the freshest word on the state folder's own server
+    if rec is not None and _url_key(rec.mlflow_url) == key:
+        return rec
+    return _known.get(key)
+
+
+def mlflow_credentials_for(uri: str | None, home: str | os.PathLike | None = None) -> dict[str, str]:
+    """MLFLOW_TRACKING_USERNAME / _PASSWORD of the embedded server at ``uri``; {} when ``uri``
+    is no embedded server known here, or that server asks for none."""
+    rec = embedded_record_for(uri, home)
+    return rec.mlflow_credentials if rec is not None else {}
+
+
+def use_mlflow_credentials(uri: str | None, home: str | os.PathLike | None = None) -> dict[str, str]:
+    """Point this process's MLflow credentials at the server ``uri`` (see the module's text).
+
+    An embedded server's credentials are set in os.environ (replacing what the shell had, which
+    may be another state folder's: the embedded admin is the one this folder's password file
+    names); for any other URI, the values the user had before are put back. Returns what was set.
+    """
+    creds = mlflow_credentials_for(uri, home)
+    if creds:
+        for var, value in creds.items():
+            _saved.setdefault(var, os.environ.get(var))
+            os.environ[var] = value
+    elif _saved:
+        for var, value in _saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+        _saved.clear()
+    return creds
 
 
 def forget_record(home: Path) -> None:

@@ -25,11 +25,13 @@ from typing import Any, Callable
 
 from jobs import procs
 from jobs.cluster import mlflow_answers, ray_answers
-from jobs.mlflow_server import (DEFAULT_HOST, DEFAULT_PORT as DEFAULT_MLFLOW_PORT, SettingsError,
-                                load_mlflow_settings, make_store_dirs, mlflow_server_command, server_env)
-from jobs.record import (RECORD_NAME, Services, forget_record, load_last_record, load_record, locked,  # noqa: F401
-                         record_path, write_record)
-from jobs.state import StateError, ensure_home, ensure_token, ray_auth_env, ray_temp_dir, resolve_home
+from jobs.mlflow_server import (DEFAULT_HOST, DEFAULT_PORT as DEFAULT_MLFLOW_PORT, SettingsError, basic_auth_on,
+                                command_uses_basic_auth, load_mlflow_settings, make_store_dirs,
+                                mlflow_server_command, prepare_basic_auth, server_env)
+from jobs.record import (CREDENTIAL_VARS, RECORD_NAME, Services, forget_record, load_last_record,  # noqa: F401
+                         load_record, locked, record_path, use_mlflow_credentials, write_record)
+from jobs.state import (MLFLOW_USER, StateError, ensure_home, ensure_token, mlflow_password_path, ray_auth_env,
+                        ray_temp_dir, resolve_home)
 
 DEFAULT_RAY_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
@@ -135,10 +137,12 @@ def _stop(services: Services, grace: float = 5.0) -> None:
 
 
 def _service_env(home: Path, service_id: str) -> dict[str, str]:
-    """The environment of the set's servers: ours, without another cluster's address or token,
-    with the set's token, its service id and Ray's usage stats off."""
+    """The environment of the set's servers: ours, without another cluster's address or token
+    (nor MLflow credentials, the user's or ours: the Ray processes inherit this environment, and
+    the embedded cluster's read the password file), with the set's token, its service id and
+    Ray's usage stats off."""
     env = dict(os.environ)
-    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", *CREDENTIAL_VARS, "MLFLOW_TRACKING_TOKEN"):
         env.pop(var, None)
     env.update(ray_auth_env(home))
     env[SERVICE_ID_VAR] = service_id
@@ -182,9 +186,13 @@ def status(home: str | os.PathLike | None = None) -> dict[str, Any]:
 
 
 def tracking_uri_for(home: str | os.PathLike | None = None) -> str | None:
-    """The embedded MLflow server's URL recorded for the state folder ``home`` (None if none)."""
+    """The embedded MLflow server's URL recorded for the state folder ``home`` (None if none);
+    this process's MLflow credentials are set for it (jobs.record.use_mlflow_credentials)."""
     rec = load_record(home)
-    return rec.mlflow_url if rec is not None else None
+    if rec is None:
+        return None
+    use_mlflow_credentials(rec.mlflow_url, home)
+    return rec.mlflow_url
 
 
 def running(home: str | os.PathLike | None = None) -> Services | None:
@@ -217,6 +225,7 @@ def up(home: str | os.PathLike | None = None, *, host: str | None = None, ray_po
         if rec is not None:
             if _both_answer(rec):
                 rec.reused = True
+                use_mlflow_credentials(rec.mlflow_url, home_path)
                 return rec
             log("The recorded services do not answer any more; stopping what is left of them.")
             _stop(rec)
@@ -230,6 +239,7 @@ def up(home: str | os.PathLike | None = None, *, host: str | None = None, ray_po
         services = _start(home_path, settings, host, ports, num_cpus=num_cpus, num_gpus=num_gpus,
                           timeout=timeout, log=log)
         write_record(home_path, services)
+        use_mlflow_credentials(services.mlflow_url, home_path)  # this process's MLflow calls log in
         return services
 
 
@@ -260,6 +270,7 @@ def _start(home: Path, settings: dict[str, Any], host: str, ports: dict[str, int
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     env = _service_env(home, secrets.token_hex(8))
     mlflow_cmd = mlflow_server_command(home, settings, host=host, port=ports["mlflow"])
+    auth = prepare_basic_auth(home, log=log) if basic_auth_on(settings) else None
     client_port = free_port()
     ray_cmd = _ray_head_command(host, ports, temp_dir, client_port=client_port, num_cpus=num_cpus,
                                 num_gpus=num_gpus)
@@ -267,13 +278,15 @@ def _start(home: Path, settings: dict[str, Any], host: str, ports: dict[str, int
             "ray_session": str(temp_dir / "session_latest" / "logs")}
 
     log(f"Starting MLflow: {shlex.join(mlflow_cmd)}")
-    mlflow_proc = _launch(mlflow_cmd, server_env(env), home, Path(logs["mlflow"]))
+    mlflow_proc = _launch(mlflow_cmd, server_env(env, auth), home, Path(logs["mlflow"]))
     services = Services(
         home=str(home), service_id=env[SERVICE_ID_VAR], host=host, temp_dir=str(temp_dir), token_path=str(token),
         ray_address="", ray_port=ports["ray"], dashboard_port=ports["dashboard"],
         dashboard_url=f"http://{url_host}:{ports['dashboard']}", mlflow_pid=mlflow_proc.pid,
         mlflow_port=ports["mlflow"], mlflow_url=f"http://{url_host}:{ports['mlflow']}", mlflow_command=mlflow_cmd,
-        ray_client_port=client_port, num_cpus=num_cpus, num_gpus=num_gpus, started_at=time.time(), logs=logs)
+        ray_client_port=client_port, num_cpus=num_cpus, num_gpus=num_gpus, started_at=time.time(), logs=logs,
+        mlflow_user=MLFLOW_USER if auth else None,
+        mlflow_password_path=str(mlflow_password_path(home)) if auth else None)
     try:
         log(f"Starting Ray: {shlex.join(ray_cmd)}")
         deadline = time.monotonic() + timeout
@@ -286,6 +299,9 @@ def _start(home: Path, settings: dict[str, Any], host: str, ports: dict[str, int
     except BaseException:
         _stop(services, grace=3.0)
         raise
+    if auth:
+        log(f"MLflow asks for a login (its basic-auth app): user {MLFLOW_USER}, password in "
+            f"{services.mlflow_password_path}; `mnistjobs env` prints both for MLflow's own tools.")
     return services
 
 
@@ -331,7 +347,8 @@ def restart_mlflow(home: str | os.PathLike | None = None, timeout: float = 120.0
             raise ServiceError(f"No embedded MLflow server is recorded in {home_path}; start one with `mnistjobs up`.")
         if mlflow_answers(rec.mlflow_url):
             return rec
-        proc = _launch(rec.mlflow_command, server_env(_service_env(home_path, rec.service_id)), home_path,
+        auth = prepare_basic_auth(home_path) if command_uses_basic_auth(rec.mlflow_command) else None
+        proc = _launch(rec.mlflow_command, server_env(_service_env(home_path, rec.service_id), auth), home_path,
                        Path(rec.logs["mlflow"]))
         rec.mlflow_pid = proc.pid
         try:

@@ -4,7 +4,11 @@
 
     <home>/services.json        what runs: pids, ports, URLs (mode 0600; jobs.services)
     <home>/ray_auth_token       Ray's token (mode 0600); Ray reads it through RAY_AUTH_TOKEN_PATH
-    <home>/mlflow/              the MLflow database and artifacts (see mlflow/server.yaml)
+    <home>/mlflow_password      the MLflow admin's password (mode 0600; user ``admin``), when the
+                                server runs MLflow's basic-auth app (the default, mlflow/server.yaml)
+    <home>/mlflow/              the MLflow database and artifacts (see mlflow/server.yaml), and the
+                                basic-auth app's files: basic_auth.ini, basic_auth.db, flask_secret_key
+                                (mode 0600; jobs.mlflow_server)
     <home>/ray_results/         Tune's storage: experiment state and trial checkpoints
     <home>/data/mnist/          MNIST, downloaded once (jobs.datadir)
     <home>/logs/                the servers' own output
@@ -25,6 +29,8 @@ from mnistnets.files import write_atomic
 HOME_VAR = "MNISTJOBS_HOME"
 DEFAULT_HOME = "./.mnistjobs"
 TOKEN_NAME = "ray_auth_token"
+MLFLOW_PASSWORD_NAME = "mlflow_password"
+MLFLOW_USER = "admin"  # the embedded MLflow server's one user, its admin
 
 
 class StateError(RuntimeError):
@@ -66,6 +72,32 @@ def ensure_token(home: str | os.PathLike) -> Path:
             path.chmod(0o600)
         return path
     return write_atomic(path, secrets.token_hex(32), mode=0o600)
+
+
+def read_secret(path: str | os.PathLike | None) -> str | None:
+    """The stripped text of a secret file (token, password), or None when missing or empty."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def mlflow_password_path(home: str | os.PathLike) -> Path:
+    return Path(home) / MLFLOW_PASSWORD_NAME
+
+
+def ensure_mlflow_password(home: str | os.PathLike) -> Path:
+    """The embedded MLflow admin's password file: created once with 32 random hex digits (MLflow
+    wants at least 12 characters), mode 0600. Beside the Ray token; never put into a Ray job's
+    runtime_env (the dashboard shows those): the processes of the embedded cluster read it here."""
+    path = mlflow_password_path(home)
+    if path.is_file() and path.stat().st_size > 0:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+        return path
+    return write_atomic(path, secrets.token_hex(16), mode=0o600)
 
 
 def ray_auth_env(home: str | os.PathLike) -> dict[str, str]:

@@ -35,10 +35,18 @@ __all__ = ["client", "get_or_create_experiment", "experiment_url", "run_url", "s
 
 
 def client(tracking_uri: str | None = None) -> "MlflowClient":
+    """An MlflowClient of ``tracking_uri`` (else $MLFLOW_TRACKING_URI). For an embedded server
+    that runs MLflow's basic-auth app, this process's MLFLOW_TRACKING_USERNAME / _PASSWORD are
+    set from the state folder's password file (jobs.record.use_mlflow_credentials); for any
+    other server the standard variables of the user's environment apply."""
     from mlflow import MlflowClient
 
+    from jobs.record import use_mlflow_credentials
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run" lines
-    return MlflowClient(tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
+    use_mlflow_credentials(uri)
+    return MlflowClient(tracking_uri=uri)
 
 
 def get_or_create_experiment(mlf: "MlflowClient", name: str) -> str:

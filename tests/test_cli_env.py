@@ -110,7 +110,8 @@ def test_env_then_ray_and_mlflow_clis_just_work(embedded, tmp_path):
     lines = result.stdout.splitlines()
     exports = dict(shlex.split(ln)[1].split("=", 1) for ln in lines if ln.startswith("export "))
     assert exports == {"MLFLOW_TRACKING_URI": embedded.mlflow_url, "RAY_ADDRESS": embedded.dashboard_url,
-                       "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": embedded.token_path}
+                       "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": embedded.token_path,
+                       **embedded.mlflow_credentials}
     assert "unset RAY_AUTH_TOKEN" in lines
 
     env = user_shell_env()

@@ -462,7 +462,9 @@ def logged(embedded):
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    client = MlflowClient(tracking_uri=embedded.mlflow_url)
+    from jobs import tracking
+
+    client = tracking.client(embedded.mlflow_url)  # with the embedded server's login
     exp = client.create_experiment(EXP)
     other = client.create_experiment(f"{EXP}-elsewhere")
     parents = {}

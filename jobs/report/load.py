@@ -96,11 +96,12 @@ def _no_runs(client, experiment_id: str, experiment: str, job: str | None, where
 
 def _read(uri: str, experiment: str, job: str | None, where: str) -> tuple[list, list[dict]]:
     """The trial runs and, per run, its metric history; ReportError for anything MLflow says."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from jobs import tracking
+
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = tracking.client(uri)  # with the embedded server's login
         experiment_id = _experiment_id(client, experiment, where)
         flt = TRIALS + (f" and tags.`{TAG_JOB}` = {quote(job)}" if job is not None else "")
         found = search_all(client, [experiment_id], flt)
