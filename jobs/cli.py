@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from jobs import cli_env, cli_local
+from jobs import cli_env, cli_local, cli_verify
 from jobs.spec import MAX_TRIALS
 from jobs.cli_options import (CONTEXT_SETTINGS, UsageFailure, address_option, home_option, recipe_options,
                               service_errors, tracking_option)
@@ -34,7 +34,7 @@ def main() -> None:
 
 
 for _command in (cli_local.models_cmd, cli_local.data_cmd, cli_local.train_cmd, cli_local.compare,
-                 cli_local.up_cmd, cli_local.down_cmd, cli_env.env_cmd, cli_env.token_cmd):
+                 cli_local.up_cmd, cli_local.down_cmd, cli_env.env_cmd, cli_env.token_cmd, cli_verify.verify_cmd):
     main.add_command(_command)
 
 
@@ -227,6 +227,13 @@ def _echo_queued(cluster, view) -> None:
 @click.option("--priority", type=int, default=None, metavar="N",
               help="Place in the queue: higher runs first; equal priorities run in submission order. "
                    "Change it while queued with `mnistjobs priority JOB N`.  [default: 0]")
+@click.option("--register/--no-register", "register", default=None,
+              help="At the end, register each model's best finished trial (final test accuracy) as a new "
+                   "version of mnistjobs-<model> and point its alias @best at the best version there is  "
+                   "[default: register]")
+@click.option("--system-metrics-interval", type=float, default=None, metavar="S",
+              help="Seconds between MLflow system-metric samples (CPU, memory; GPU when visible) of each "
+                   "trial run; 0 turns them off  [default: 10]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="YAML",
               help="Sweep spec file with the same settings (models, schedules, seeds, epochs, ..., and "
                    "`train:` for other recipe settings); options given here override it.")
@@ -237,7 +244,8 @@ def _echo_queued(cluster, view) -> None:
 @tracking_option
 @home_option
 def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurrent, max_failures,
-           experiment, priority, config_file, dry_run, wait, address, tracking_uri, home, **recipe):
+           experiment, priority, register, system_metrics_interval, config_file, dry_run, wait, address,
+           tracking_uri, home, **recipe):
     """Submit a sweep: one Ray Tune trial per (model, schedule, seed), tracked in MLflow.
 
     The spec is validated first: an unknown model, a bad schedule, epochs < 1, a GPU fraction
@@ -268,7 +276,8 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
     spec = _spec_of(config_file, address, {
         "models": list(models) or None, "schedules": list(schedules) or None, "seeds": seeds,
         "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent,
-        "max_failures": max_failures, "experiment": experiment, "priority": priority}, recipe,
+        "max_failures": max_failures, "experiment": experiment, "priority": priority, "register": register,
+        "system_metrics_interval": system_metrics_interval}, recipe,
         home=home, dry_run=dry_run)
     if dry_run:
         click.echo(f"Dry run, nothing submitted. {spec.summary()}, experiment {spec.experiment!r}:")

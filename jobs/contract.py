@@ -11,6 +11,10 @@
   when the recipe asks for test-time augmentation)
 - artifacts: :data:`LAYERS_ARTIFACT`, ``checkpoints/last.pt``, ``checkpoints/best.pt``,
   ``plots/accuracy.png``, ``plots/loss.png``
+- a trial that trained every epoch: its LoggedModel ``model`` (jobs.mlflow_model), tag
+  :data:`TAG_DATA_DIR`; MLflow's system metrics ``system/...`` (every trial run)
+- the parent at the sweep's end: :data:`SUMMARY_FINAL` / :data:`SUMMARY_BEST` per model
+  (``v2.final_test_acc``) and of the best trial, tags :data:`TAG_BEST_RUN`, :data:`TAG_REGISTERED`
 
 jobs.tracking writes these, jobs.report and the CLI read them, and the tests check them by
 these names. Pure constants: importing this module imports nothing else.
@@ -48,6 +52,19 @@ TAG_ADMITTED_AT = "mnistjobs.admitted_at"    # ms, when the admitter first start
 TAG_SUMMARY = "mnistjobs.summary"            # the spec's one-line summary
 TAG_HELD = "mnistjobs.held_by"              # "down": stopped by `mnistjobs down`, starts again after `up`
 TAG_QUEUE_NOTE = "mnistjobs.queue_note"      # why the admitter could not start it, when it could not
+#: Issue 15: where a trial read MNIST (the resolved folder on its node; `verify` reads it back).
+TAG_DATA_DIR = "mnistjobs.data_dir"
+#: On the parent run: the trial run with the sweep's highest final test accuracy.
+TAG_BEST_RUN = "mnistjobs.best_run_id"
+#: On the parent run: what the driver registered ("mnistjobs-v2 v3, mnistjobs-v0 v1"), or "off".
+TAG_REGISTERED = "mnistjobs.registered"
+#: The parent run's summary metrics (step 0): per model ``<model>.final_test_acc`` and
+#: ``<model>.best_test_acc`` of its best trial (highest final test accuracy), and the same two of
+#: the sweep's best trial without the prefix.
+SUMMARY_FINAL = "final_test_acc"
+SUMMARY_BEST = "best_test_acc"
+#: MLflow's own system metrics on every trial run (SystemMetricsMonitor): "system/<name>".
+SYSTEM_METRIC_PREFIX = "system/"
 ROLE_SWEEP = "sweep"
 ROLE_TRIAL = "trial"
 

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 PYFUNC_MODULE = "mnistjobs_pyfunc"   # this file's name inside a logged model's code/ folder
 IMAGE_SHAPE = (28, 28)
-MODEL_NAME = "model"                 # the LoggedModel's name in the run (its "artifact path")
+MODEL_NAME = "classifier"            # the LoggedModel's name in the run; not "model": the run's own model/ folder (layers.txt) would clash
 REGISTERED_PREFIX = "mnistjobs-"     # mnistjobs-v2, ...
 BEST_ALIAS = "best"
 FINAL_METRIC = "test_acc"            # the final test accuracy: the run's last test_acc
@@ -43,7 +43,7 @@ TAG_RUN = "run_id"
 TAG_FINAL = "final_test_acc"
 TAG_RECIPE = "recipe"
 TAG_MODEL = "model"
-_NOT_RECIPE = ("model", "params", "device")  # params that say where or what, not how it trained
+_NOT_RECIPE = ("model", "params", "device", "data_dir")  # params that say where or what, not how it trained
 
 
 # ------------------------------------------------------------------------- the model as logged
@@ -246,19 +246,22 @@ def recipe_of(params: dict[str, str]) -> str:
     return ", ".join(f"{k}={params[k]}" for k in TRIAL_PARAMS if k in params and k not in _NOT_RECIPE)
 
 
-def _logged_model_id(mlf, run) -> str | None:
-    """The id of the model ``run`` logged (the newest when several), or None."""
+def logged_model_id(mlf, run) -> str | None:
+    """The id of the READY model ``run`` logged (the newest when several), or None. A LoggedModel
+    left PENDING or FAILED by an upload that broke off does not count: the trial logs it again."""
     outputs = getattr(run, "outputs", None)
     ids = [o.model_id for o in (outputs.model_outputs if outputs and outputs.model_outputs else [])]
-    if not ids:
+    found = [mlf.get_logged_model(i) for i in ids]
+    if not found:
         found = mlf.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
-        ids = [m.model_id for m in found]
-    if not ids:
+    ready = [m for m in found if str(getattr(m, "status", "READY")) == "READY"]
+    if not ready:
         return None
-    if len(ids) == 1:
-        return ids[0]
-    return max((mlf.get_logged_model(i) for i in ids), key=lambda m: m.creation_timestamp).model_id
+    return max(ready, key=lambda m: m.creation_timestamp or 0).model_id
+
+
+_logged_model_id = logged_model_id  # the name register_best's callers knew
 
 
 def _final(run) -> float | None:

@@ -23,6 +23,8 @@ TrainConfig (``recipe_for``) and its name (``v2-onecycle-s1``). A YAML file look
     augment: true
     gpus_per_trial: 0.25      # null: 0.25 when the cluster has GPUs, else 0
     priority: 5               # the job queue's order, -1000..1000, higher first  [default: 0]
+    register: false           # do not register the best trial per model  [default: true]
+    system_metrics_interval: 30   # seconds between system-metric samples, 0: off  [default: 10]
     train:                    # any other TrainConfig setting, for every trial
       weight_decay: 0.0005
       lr: [0.05, 0.1]         # a list: one more grid axis (trials named ...-lr0.05, ...-lr0.1)
@@ -60,6 +62,11 @@ MAX_SPEC_BYTES = 256 * 1024
 MAX_SPEC_VALUES = 20_000
 #: A job's priority in the queue (higher first): a whole number in this range, default 0.
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+#: MLflow's system metrics (CPU, memory; GPU when visible) on each trial run: one sample every this
+#: many seconds by default (``--system-metrics-interval``, ``system_metrics_interval:``; 0 turns
+#: them off), at most MAX_SYSTEM_METRICS_INTERVAL, at least MIN_SYSTEM_METRICS_INTERVAL when on.
+DEFAULT_SYSTEM_METRICS_INTERVAL = 10.0
+MIN_SYSTEM_METRICS_INTERVAL, MAX_SYSTEM_METRICS_INTERVAL = 0.5, 3600.0
 
 _brief = reprlib.Repr()  # values in messages: a long list or string is cut short, never printed whole
 _brief.maxlist = _brief.maxtuple = _brief.maxdict = 8
@@ -138,6 +145,8 @@ class SweepSpec:
     priority: int = 0                    # the job queue's order, higher first; no trial setting
     experiment: str = DEFAULT_EXPERIMENT
     storage_path: str | None = None      # Tune's storage; None: <state folder>/ray_results
+    register: bool = True                # register each model's best trial (mnistjobs-<model>, @best)
+    system_metrics_interval: float = DEFAULT_SYSTEM_METRICS_INTERVAL  # s between samples; 0: off
     train: dict[str, Any] = field(default_factory=dict)  # other TrainConfig settings, every trial
 
     # ------------------------------------------------------------------ construction
@@ -317,6 +326,15 @@ class SweepSpec:
             self._check_int("max_concurrent", 0, "--max-concurrent")
         self._check_int("max_failures", -1, "--max-failures")
         self._check_int("priority", MIN_PRIORITY, "priority (--priority)", maximum=MAX_PRIORITY)
+        if not isinstance(self.register, bool):
+            raise SpecError(f"register must be true or false (--no-register: false), not {_brief.repr(self.register)}.")
+        interval = self.system_metrics_interval
+        if (not is_number(interval) or isinstance(interval, bool) or interval < 0 or interval > MAX_SYSTEM_METRICS_INTERVAL
+                or 0 < interval < MIN_SYSTEM_METRICS_INTERVAL):
+            raise SpecError(f"--system-metrics-interval must be 0 (off) or a number of seconds from "
+                            f"{MIN_SYSTEM_METRICS_INTERVAL:g} to {MAX_SYSTEM_METRICS_INTERVAL:g} (e.g. "
+                            f"{DEFAULT_SYSTEM_METRICS_INTERVAL:g}), not {_brief.repr(interval)}.")
+        self.system_metrics_interval = float(interval)
         if not isinstance(self.experiment, str) or not self.experiment.strip():
             raise SpecError("--experiment must be a non-empty name.")
         if self.data_dir is not None and not isinstance(self.data_dir, str):

@@ -37,8 +37,8 @@ from typing import Any
 
 from ray import tune
 
-from jobs.contract import (ROLE_TRIAL, TAG_DIVERGED, TAG_DIVERGED_REASON, TAG_HELD, TAG_QUEUE_STATE, TAG_TRIAL,
-                           TAG_WAITING_TRIALS)
+from jobs.contract import (ROLE_TRIAL, SUMMARY_BEST, SUMMARY_FINAL, TAG_BEST_RUN, TAG_DIVERGED, TAG_DIVERGED_REASON,
+                           TAG_HELD, TAG_QUEUE_STATE, TAG_REGISTERED, TAG_TRIAL, TAG_WAITING_TRIALS)
 from jobs.grid import trial_config, trial_name
 from jobs.trial import stopped_tags, train_trial
 
@@ -89,10 +89,19 @@ def close_stopped_run(mlf, run_id: str, epoch: int | None, planned: int) -> None
 
 
 def _error_text(trial) -> str:
+    """The trial's latest error as Tune wrote it (its local error.txt holds every failure, each
+    after a ``Failure # N`` line; the copy in Tune's storage comes later)."""
+    text = ""
     try:
-        return str(trial.get_error() or "")
-    except Exception:  # noqa: BLE001 - no error file (yet)
-        return ""
+        text = Path(trial.error_file).read_text()
+    except Exception:  # noqa: BLE001 - no local file: the storage's copy, if any
+        try:
+            text = str(trial.get_error() or "")
+        except Exception:  # noqa: BLE001
+            return ""
+    blocks = text.split("Failure # ")
+    last = blocks[-1]
+    return last.split("\n", 1)[1] if len(blocks) > 1 and "\n" in last else last
 
 
 def failure_line(trial) -> str:
@@ -295,10 +304,12 @@ def _tune_environment() -> None:
 
 
 def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ray_job_id: str | None = None,
-              stop=None) -> int:
+              stop=None, log_models: bool = True) -> int:
     """Run (or resume) the sweep on the Ray cluster this process belongs to, in the MLflow
     experiment ``experiment_id`` (created by the job client); return the exit code. ``stop``:
-    Tune's stop criterion (``RunConfig(stop=...)``: a dict, a Stopper or a function)."""
+    Tune's stop criterion (``RunConfig(stop=...)``: a dict, a Stopper or a function).
+    ``log_models=False`` (code and benchmarks only): the trials log no model, so nothing is
+    registered either."""
     _tune_environment()
     import ray
 
@@ -346,7 +357,12 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
         sweep_run.finish("FAILED")
         return 1
     job = {"job_id": job_id, "experiment_id": experiment_id, "parent_run_id": sweep_run.run_id,
-           "tracking_uri": tracking_uri}
+           "tracking_uri": tracking_uri, "log_model": bool(log_models),
+           # The state folder, where the trials find the embedded MLflow server's login
+           # (jobs.record): a Ray job's trials have it in their env, a driver started otherwise
+           # (the tests', a benchmark's) hands it on here.
+           "home": os.environ.get("MNISTJOBS_HOME") or None,
+           "system_metrics_interval": float(getattr(spec, "system_metrics_interval", 0) or 0)}
     tuner = build_tuner(spec, job, storage, check_resources(spec), resume=resume, stop=stop)
     start = time.perf_counter()
     results = tuner.fit()
@@ -359,11 +375,85 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     # A diverged trial is an outcome of its recipe (in a search, of the space), not a failure
     # of the job: the job fails when every trial diverged.
     ok = errors == 0 and failed == 0 and (diverged == 0 or diverged < len(results))
+    finish_summary(mlf, spec, job_id, experiment_id, sweep_run.run_id, trial_runs)
     mlf.set_tag(sweep_run.run_id, TAG_QUEUE_STATE, queue.ENDED)
     sweep_run.finish("FINISHED" if ok else "FAILED")
     print(f"mnistjobs sweep {job_id}: {len(results)} trial{'s' if len(results) != 1 else ''}, {errors} failed, "
           + (f"{diverged} diverged, " if diverged else "") + f"{time.perf_counter() - start:.1f} s", flush=True)
     return 0 if ok else 1
+
+
+def summary_metrics(mlf, trial_runs) -> tuple[dict[str, float], str | None]:
+    """The parent run's summary: per model, of its best trial (the FINISHED run with the highest
+    final test accuracy), ``<model>.final_test_acc`` (its last test_acc, the last value at the
+    last step) and ``<model>.best_test_acc`` (its highest epoch); then ``final_test_acc`` and
+    ``best_test_acc`` of the sweep's best trial, whose run id is returned."""
+    from jobs import mlflow_model as mm
+    from jobs.tracking import metric_history
+
+    metrics: dict[str, float] = {}
+    top = None
+    for model, run in sorted(mm.best_trials(trial_runs).items()):
+        history = metric_history(mlf, run.info.run_id, ["test_acc"])["test_acc"]
+        if not history:
+            continue
+        final, best = history[-1][1], max(value for _, value in history)
+        metrics[f"{model}.{SUMMARY_FINAL}"], metrics[f"{model}.{SUMMARY_BEST}"] = final, best
+        if top is None or final > top[0]:
+            top = (final, best, run.info.run_id)
+    if top is not None:
+        metrics[SUMMARY_FINAL], metrics[SUMMARY_BEST] = top[0], top[1]
+    return metrics, (top[2] if top else None)
+
+
+def finish_summary(mlf, spec, job_id: str, experiment_id: str, parent_run_id: str, trial_runs) -> None:
+    """At the sweep's end: the summary metrics on the parent run (:func:`summary_metrics`, step
+    0), the tag ``mnistjobs.best_run_id``, and unless the spec says ``register: false`` each
+    model's best trial registered (``jobs.mlflow_model.register_best``), one line each in the
+    job's log. Never fails the job: a problem is one note line."""
+    import time as _time
+
+    from mlflow.entities import Metric, RunTag
+
+    from jobs import mlflow_model as mm
+
+    try:
+        metrics, best_run = summary_metrics(mlf, trial_runs)
+        now = int(_time.time() * 1000)
+        tags = [RunTag(TAG_BEST_RUN, best_run)] if best_run else []
+        if metrics or tags:
+            mlf.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=tags)
+        if SUMMARY_FINAL in metrics:
+            names = {r.info.run_id: r.info.run_name for r in trial_runs}
+            print(f"  best trial: {names.get(best_run, best_run)}, final test accuracy {metrics[SUMMARY_FINAL]:.2f}% "
+                  f"(best epoch {metrics[SUMMARY_BEST]:.2f}%)", flush=True)
+    except Exception as e:  # noqa: BLE001 - the trials' results are in MLflow either way
+        print(f"  note: the sweep's summary was not logged to its parent run: {' '.join(str(e).split())[:300]}",
+              flush=True)
+    if not getattr(spec, "register", True):
+        print("  registry: not registered (--no-register / register: false)", flush=True)
+        _set_tag_quietly(mlf, parent_run_id, TAG_REGISTERED, "off")
+        return
+    try:
+        registered = mm.register_best(mlf, experiment_id, job_id=job_id, log=lambda m: print(f"  registry: {m}", flush=True))
+    except Exception as e:  # noqa: BLE001
+        print(f"  note: registering the best trials failed: {' '.join(str(e).split())[:300]}", flush=True)
+        return
+    if not registered:
+        print("  registry: no finished trial with a logged model; nothing registered", flush=True)
+    for r in registered:
+        print(f"  registered {r['name']} version {r['version']} (run {r['run_id']}, final test accuracy "
+              f"{r['final_test_acc']:.2f}%); @{mm.BEST_ALIAS} -> version {r['best_version']} "
+              f"({r['best_final_test_acc']:.2f}%): models:/{r['name']}@{mm.BEST_ALIAS}", flush=True)
+    _set_tag_quietly(mlf, parent_run_id, TAG_REGISTERED,
+                     ", ".join(f"{r['name']} v{r['version']}" for r in registered) or "none")
+
+
+def _set_tag_quietly(mlf, run_id: str, key: str, value: str) -> None:
+    try:
+        mlf.set_tag(run_id, key, value)
+    except Exception:  # noqa: BLE001 - informative only
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,15 @@ retried trial logs the epochs its checkpoint has and its run lacks. A corrupt or
 checkpoint falls back to the trial's previous one; with none readable the trial fails with a
 clear error, never a silent restart.
 
+The model and the system metrics (issue 15): after its last epoch a trial logs its final model
+(the weights ``fit`` scored and checkpointed: the EMA weights when EMA is on) once, as the
+LoggedModel of its run (:func:`log_model`, ``jobs.mlflow_model``): a retried or resumed trial
+whose run has a READY model logs none. A trial stopped early logs no model (a scheduler's loser:
+the registry and ``verify`` skip it); one stopped inside its last report does. While it runs,
+MLflow's own SystemMetricsMonitor samples CPU, memory (and the GPUs nvidia-ml-py sees) every
+``system_metrics_interval`` s of the spec into the run (:func:`start_system_metrics`). The run
+also carries ``mnistjobs.data_dir``: the folder its test images came from, for ``verify``.
+
 Stopped on purpose: when Tune stops a trial (a stopper, a scheduler's STOP), Ray's session ends
 the function inside ``tune.report`` with ``SystemExit(0)`` (ray/train/_internal/session.py,
 ``_report_training_result``), so ``fit``'s loop never reaches ``run.finish``. The trial then logs
@@ -38,8 +47,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.contract import (LAYERS_ARTIFACT, TAG_DEVICE, TAG_DIVERGED, TAG_DIVERGED_REASON, TAG_NODE,
-                           TAG_STOPPED_AT, TAG_STOPPED_EARLY)
+from jobs.contract import (LAYERS_ARTIFACT, TAG_DATA_DIR, TAG_DEVICE, TAG_DIVERGED, TAG_DIVERGED_REASON, TAG_JOB,
+                           TAG_NODE, TAG_STOPPED_AT, TAG_STOPPED_EARLY, TAG_TRIAL)
 
 STATE_FILE = "mnistjobs_trial.json"  # in every checkpoint: the MLflow run id, the epoch
 STOPPED_WAIT_S = 20.0  # how long a stopped trial waits for MLflow (the driver closes its run anyway)
@@ -49,18 +58,19 @@ _DATA_CACHE: dict[str, Any] = {}
 
 
 def _load_data(data_dir: str | None, node: str):
+    """(the folder MNIST is read from on this node, the data)."""
     from jobs.datadir import resolve_data_dir
     from mnistnets.data import DataError, load_mnist
 
     try:
-        folder = str(resolve_data_dir(data_dir))
+        folder = str(Path(resolve_data_dir(data_dir)).resolve())
         if folder not in _DATA_CACHE:
             _DATA_CACHE[folder] = load_mnist(folder)
     except DataError as e:
         raise DataError(f"On Ray node {node}: {e} A data folder is read on the node that runs the "
                         f"trial: with --address, give --data-dir (MNISTJOBS_DATA_DIR) as a path on the "
                         f"cluster's nodes, not on the machine you submit from.") from None
-    return _DATA_CACHE[folder]
+    return folder, _DATA_CACHE[folder]
 
 
 def _node_and_device(device) -> tuple[str, str]:
@@ -194,6 +204,8 @@ def train_trial(config: dict[str, Any]) -> None:
     _limit_threads()
     tracking.fail_fast_requests()  # TrialRun retries; MLflow's own retries would stall training
     name, job, cfg = trial_name(config), config["job"], trial_config(config)
+    if job.get("home") and not os.environ.get("MNISTJOBS_HOME"):
+        os.environ["MNISTJOBS_HOME"] = job["home"]  # the embedded MLflow's login is found there
     context = tune.get_context()
     trial_id = context.get_trial_id()
     # fit()'s checkpoint folder, in the trial's local folder (under Ray's session dir, so a killed
@@ -204,6 +216,7 @@ def train_trial(config: dict[str, Any]) -> None:
         local = Path(tempfile.gettempdir())
     local.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mnistjobs-work-", dir=local))
+    monitor = None
     try:
         checkpoint = tune.get_checkpoint()
         resume_from, resumed, run_id = _restore(checkpoint, work, name, _trial_storage(context, checkpoint))
@@ -217,22 +230,33 @@ def train_trial(config: dict[str, Any]) -> None:
             return
         run = tracking.TrialRun.open(mlf, experiment_id=job["experiment_id"], parent_run_id=job["parent_run_id"],
                                      job_id=job["job_id"], trial_id=trial_id, name=name, run_id=run_id)
+        if job.get("log_model", True):
+            prewarm_model_logging()
         node = _start_run(run, cfg, resumed)
-        data = _load_data(cfg.data_dir, node)
+        folder, data = _load_data(cfg.data_dir, node)
+        run.set_tags({TAG_DATA_DIR: folder})
+        monitor = start_system_metrics(run, job.get("system_metrics_interval", 0), resume=resumed is not None)
         try:
             for result in _fit_and_log(run, cfg, data, work, resume_from):
                 try:
                     _report(result, work, local)
                 except SystemExit as stop:  # Tune stopped this trial on purpose (see the module's doc)
                     if stop.code in (0, None):
-                        _end_stopped(run, work, name, int(result["epoch"]), cfg.epochs)
+                        stop_system_metrics(monitor)
+                        _end_stopped(run, work, name, int(result["epoch"]), cfg.epochs, cfg=cfg, data=data,
+                                     with_model=job.get("log_model", True))
                     raise
         except Diverged as diverged:  # ends FAILED and returns: Tune retries only a trial that raises
+            stop_system_metrics(monitor)
             _end_diverged(run, work, name, diverged)
             return
+        if job.get("log_model", True):
+            log_model(run, cfg, data, work, name)
+        stop_system_metrics(monitor)
         _end(run, work)
         run.finish("FINISHED")
     finally:
+        stop_system_metrics(monitor)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -293,14 +317,19 @@ def stopped_tags(epoch: int | None, planned: int) -> dict[str, str]:
     return {TAG_STOPPED_EARLY: "true", TAG_STOPPED_AT: str(epoch)} if epoch < planned else {}
 
 
-def _end_stopped(run, work: Path, name: str, epoch: int, planned: int) -> None:
+def _end_stopped(run, work: Path, name: str, epoch: int, planned: int, *, cfg=None, data=None,
+                 with_model: bool = True) -> None:
     """A trial Tune stopped after ``epoch``: its artifacts and its run FINISHED (best effort:
-    never raises, so that the SystemExit Tune asked for ends the trial)."""
+    never raises, so that the SystemExit Tune asked for ends the trial). Its model is logged only
+    when it trained every epoch (stopped inside its last report): a trial stopped early is a
+    scheduler's loser, and neither registered nor verified."""
     try:
         tags = stopped_tags(epoch, planned)
         print(f"[{name}] stopped by Tune after epoch {epoch}/{planned}", flush=True)
         if tags:
             run.set_tags(tags)
+        elif with_model and cfg is not None and data is not None:
+            log_model(run, cfg, data, work, name)
         _end(run, work)
         run.finish("FINISHED", wait=STOPPED_WAIT_S)
     except Exception as e:  # noqa: BLE001 - the driver closes the run (jobs.sweep)
@@ -330,3 +359,115 @@ def _end_diverged(run, work: Path, name: str, diverged) -> None:
     if history:  # diverged in its first epoch: no checkpoint, nothing to plot
         run.log_final_artifacts(work, history=history)
     run.finish("FAILED")
+
+
+# ------------------------------------------------------------------------- the model, system metrics
+
+#: How many of the trial's test images go into the logged model as its input example.
+INPUT_EXAMPLE_IMAGES = 4
+
+
+def log_model(run, cfg, data, work: Path, name: str) -> str | None:
+    """Log the trial's final model (the weights fit scored and checkpointed as ``model``: the EMA
+    weights when EMA is on) as the LoggedModel of its run (``jobs.mlflow_model.log_trial_model``):
+    signature, the first INPUT_EXAMPLE_IMAGES test images (uint8) as its input example, linked to
+    the run's metrics at its last epoch. Once per run: a retried or resumed trial whose run has a
+    READY model already logs none. Returns the model id.
+
+    Waits for MLflow first (the last epoch's metrics must be there to be linked to the model); an
+    MLflow that does not answer for $MNISTJOBS_MLFLOW_PATIENCE_S raises TrackingUnavailable, and
+    Tune retries the trial: it resumes from its last checkpoint with nothing left to train and
+    logs the model then."""
+    import time
+
+    from jobs import mlflow_model as mm
+    from jobs import tracking
+    from mnistnets.train import build_model, load_checkpoint
+
+    last = work / "last.pt"
+    if not last.is_file():
+        return None
+    if not run.flush(wait=tracking.patience_s()):
+        raise tracking.TrackingUnavailable(
+            f"Trial {name}: the MLflow server did not answer for {tracking.patience_s():.0f} s "
+            f"({tracking.PATIENCE_VAR}) before its model could be logged; the trial is retried from its checkpoint.")
+    existing = mm.logged_model_id(run.mlf, run.mlf.get_run(run.run_id))
+    if existing is not None:
+        print(f"[{name}] model logged already (models:/{existing}): not logged twice", flush=True)
+        return existing
+    state = load_checkpoint(last)
+    net = build_model(cfg)
+    net.load_state_dict(state["model"])
+    example = data.test_images[:INPUT_EXAMPLE_IMAGES].numpy()
+    start = time.perf_counter()
+    info = mm.log_trial_model(run.mlf, run.run_id, net, step=int(state["epoch"]), input_example=example,
+                              tags={TAG_JOB: run.job_id, TAG_TRIAL: run.trial_id})
+    print(f"[{name}] model logged: models:/{info.model_id} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return info.model_id
+
+
+_PREWARM: dict[str, Any] = {}
+
+
+def prewarm_model_logging() -> None:
+    """Once per worker process, in a background thread while the trial trains: import what
+    logging the model needs (torch.export, ~3.7 s of imports on a 2-core CPU) and let MLflow map
+    the installed packages (~1.6 s), so that the end of the first trial in a process does not
+    wait for them where the node has a CPU to spare (a GPU node). Never raises."""
+    import threading
+
+    if _PREWARM:
+        return
+
+    def warm():
+        try:
+            import mlflow.pytorch  # noqa: F401
+            import torch.export  # noqa: F401
+            from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+
+            _init_packages_to_modules_map()
+        except Exception:  # noqa: BLE001 - only a head start: log_model imports them anyway
+            pass
+
+    _PREWARM["thread"] = threading.Thread(target=warm, name="mnistjobs-prewarm", daemon=True)
+    _PREWARM["thread"].start()
+
+
+def start_system_metrics(run, interval, *, resume: bool = False):
+    """MLflow's own SystemMetricsMonitor on the trial's run (CPU, memory, disk, network; the GPUs
+    when nvidia-ml-py sees any: the whole device's figures, also for a fractional GPU), one sample
+    every ``interval`` s; None when ``interval`` is 0 or the run is not open yet (MLflow away at
+    the start). :func:`stop_system_metrics` logs what the last, partial interval sampled, so a
+    trial shorter than one interval carries its metrics too."""
+    interval = float(interval or 0)
+    if interval <= 0 or not run.opened:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # no "Started monitoring" lines
+        monitor = SystemMetricsMonitor(run.run_id, sampling_interval=interval, resume_logging=resume,
+                                       tracking_uri=run.mlf.tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - metrics about training never stop it
+        print(f"[{run.name}] note: no system metrics ({' '.join(str(e).split())[:200]})", flush=True)
+        return None
+
+
+def stop_system_metrics(monitor, timeout: float = 30.0) -> None:
+    """Stop ``monitor`` (idempotent): its thread ends, the samples it holds are logged as one more
+    step, and its batch is sent. Never raises."""
+    if monitor is None or getattr(monitor, "_mnistjobs_stopped", False):
+        return
+    monitor._mnistjobs_stopped = True
+    try:
+        monitor._shutdown_event.set()
+        if monitor._process is not None:
+            monitor._process.join(timeout)
+        monitor._process = None
+        if any(values for m in monitor.monitors for values in m._metrics.values()):
+            monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as e:  # noqa: BLE001 - metrics about training never fail it
+        print(f"  note: the last system metrics were not logged ({' '.join(str(e).split())[:200]})", flush=True)

@@ -428,7 +428,7 @@ def test_sigkill_trial_worker_mid_epoch(cluster, data, tmp_path):
     assert "retrying from epoch 1's checkpoint" in shown and "ActorDiedError" not in shown
     assert "A worker died or was killed" not in shown and "A worker died or was killed" in full  # Ray's notice
     assert not any(line.startswith(TRACE_PREFIX) for line in shown.splitlines())
-    assert "ActorDiedError" in full and any(line.startswith(TRACE_PREFIX) for line in full.splitlines())
+    assert any(line.startswith(TRACE_PREFIX) for line in full.splitlines()), full[-3000:]  # Tune's error text
     runs = trial_runs(mlf, job)
     assert list(runs) == ["v0-cosine-s1"] and runs["v0-cosine-s1"].info.run_id == run_id  # the same run
     run = mlf.get_run(run_id)

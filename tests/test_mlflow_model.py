@@ -147,7 +147,7 @@ def test_log_trial_model_into_an_existing_run(store, synthetic_data, monkeypatch
     assert run.info.status == "RUNNING"  # logging the model does not end the run
     assert [o.model_id for o in run.outputs.model_outputs] == [info.model_id]
     logged = mlf.get_logged_model(info.model_id)
-    assert logged.experiment_id == exp and logged.source_run_id == rid and logged.name == "model"
+    assert logged.experiment_id == exp and logged.source_run_id == rid and logged.name == mm.MODEL_NAME
     assert str(logged.status) in ("READY", "LoggedModelStatus.READY")
     assert logged.params["model"] == "v2" and logged.tags["mnistjobs.job_id"] == "raysubmit_a"
     assert {(m.key, m.step, m.value) for m in logged.metrics} == {("test_acc", 2, 97.5)}
@@ -255,8 +255,12 @@ def registered(embedded, synthetic_data):
 
 
 def user_env(embedded) -> dict[str, str]:
+    """A user's shell after `eval "$(mnistjobs env)"`: the tracking URI and the server's login."""
+    from jobs.record import mlflow_credentials_for
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = embedded.mlflow_url
+    env.update(mlflow_credentials_for(embedded.mlflow_url, embedded.home) or {})
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # an activated venv
     return env
 

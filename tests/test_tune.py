@@ -16,6 +16,7 @@ import pytest
 
 from jobs.contract import TAG_STOPPED_AT, TAG_STOPPED_EARLY, TAG_TRIAL, EPOCH_METRICS
 from jobs.grid import NAMING_KEY, trial_config, trial_name
+from jobs.mlflow_model import logged_model_id
 from jobs.spec import SpecError, SweepSpec, format_trial_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,6 +147,7 @@ sys.exit(run_sweep(spec, sys.argv[2], experiment_id=sys.argv[3], stop={"training
 
 def _run_stopped_sweep(embedded, spec: SweepSpec, job_id: str, experiment: str):
     from jobs import tracking
+    from jobs.record import mlflow_credentials_for
     from jobs.state import ray_auth_env
 
     mlf = tracking.client(embedded.mlflow_url)
@@ -154,6 +156,7 @@ def _run_stopped_sweep(embedded, spec: SweepSpec, job_id: str, experiment: str):
            "MLFLOW_TRACKING_URI": embedded.mlflow_url, "MNISTJOBS_HOME": str(embedded.home),
            "PYTHONUNBUFFERED": "1"}
     env.pop("MNISTJOBS_STORAGE_PATH", None)
+    env.update(mlflow_credentials_for(embedded.mlflow_url, embedded.home) or {})  # the server's basic-auth login
     proc = subprocess.run([sys.executable, "-c", _STOP_DRIVER, spec.to_json(), job_id, experiment_id], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     return mlf, experiment_id, proc
@@ -185,6 +188,8 @@ def test_a_trial_tune_stops_early_ends_finished_and_the_job_succeeds(embedded, s
         assert run.data.tags[TAG_TRIAL]
         for key in EPOCH_METRICS[:6]:
             assert _steps(mlf, run.info.run_id, key) == [1], key  # exactly the epoch it trained
+        assert logged_model_id(mlf, run) is None  # stopped early: a scheduler's loser logs no model
+    assert "registry: no finished trial with a logged model; nothing registered" in out, out[-4000:]
     (parent,) = job_runs(mlf, "tune-stopped-early", role="sweep", experiment_ids=[experiment_id])
     assert parent.info.status == "FINISHED"
 
