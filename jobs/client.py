@@ -232,6 +232,17 @@ def resume(client: "JobSubmissionClient", cluster: "Cluster", job_id: str) -> tu
     while f"{logical}-r{n}" in taken:
         n += 1
     queue.ensure(client, cluster)
+    if view.run.info.status in ("RUNNING", "SCHEDULED"):
+        # Its Ray job ended but its runs are still open (a killed driver): close them as the
+        # admitter would, then give an admitter's look already under way time to finish, so
+        # that its closing cannot land after the requeue below.
+        from jobs import tracking
+
+        tracking.end_job_runs(view.mlf, logical, "FAILED", role="trial")
+        view.mlf.set_tag(view.run.info.run_id, queue.TAG_QUEUE_STATE, queue.ENDED)
+        view.mlf.set_terminated(view.run.info.run_id, "FAILED")
+        time.sleep(3 * queue.POLL_S)
+        view.run = view.mlf.get_run(view.run.info.run_id)
     queue.requeue(view.mlf, view.run, f"{logical}-r{n}")
     return f"{logical}-r{n}", spec
 
