@@ -62,11 +62,16 @@ def job_info(client: "JobSubmissionClient", cluster: "Cluster", job_id: str) -> 
     try:
         return client.get_job_info(job_id)
     except RuntimeError as exc:
-        text = str(exc).lower()
-        if "404" in text or "does not exist" in text or "not found" in text:
+        if is_not_found(exc):
             raise JobUsageError(f"No job {job_id!r} on the Ray cluster at {cluster.dashboard_url}. "
                                 f"`mnistjobs list` shows the jobs there.") from None
         raise JobClientError(f"Cannot read job {job_id}: {exc}") from None
+
+
+def is_not_found(exc: Exception) -> bool:
+    """Whether the job API's error says the job does not exist (its 404)."""
+    text = str(exc).lower()
+    return "404" in text or "does not exist" in text or "not found" in text
 
 
 def status_of(info: "JobDetails") -> str:

@@ -290,11 +290,12 @@ class Admitter:
         """The Ray job's info; None when the cluster has no such job (its head was replaced)."""
         if not ray_job_id:
             return None
+        from jobs.client import is_not_found
+
         try:
             return self.client.get_job_info(ray_job_id)
         except RuntimeError as exc:
-            text = str(exc).lower()
-            if "404" in text or "does not exist" in text or "not found" in text:
+            if is_not_found(exc):
                 return None
             raise
 

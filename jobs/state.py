@@ -64,14 +64,19 @@ def token_path(home: str | os.PathLike) -> Path:
     return Path(home) / TOKEN_NAME
 
 
-def ensure_token(home: str | os.PathLike) -> Path:
-    """The Ray auth token file: created once with 64 random hex digits, mode 0600."""
-    path = token_path(home)
+def _ensure_secret(path: Path, nbytes: int) -> Path:
+    """A secret file: created once with ``2 * nbytes`` random hex digits, mode 0600 (made 0600
+    again when found looser)."""
     if path.is_file() and path.stat().st_size > 0:
         if path.stat().st_mode & 0o077:
             path.chmod(0o600)
         return path
-    return write_atomic(path, secrets.token_hex(32), mode=0o600)
+    return write_atomic(path, secrets.token_hex(nbytes), mode=0o600)
+
+
+def ensure_token(home: str | os.PathLike) -> Path:
+    """The Ray auth token file: created once with 64 random hex digits, mode 0600."""
+    return _ensure_secret(token_path(home), 32)
 
 
 def read_secret(path: str | os.PathLike | None) -> str | None:
@@ -92,12 +97,7 @@ def ensure_mlflow_password(home: str | os.PathLike) -> Path:
     """The embedded MLflow admin's password file: created once with 32 random hex digits (MLflow
     wants at least 12 characters), mode 0600. Beside the Ray token; never put into a Ray job's
     runtime_env (the dashboard shows those): the processes of the embedded cluster read it here."""
-    path = mlflow_password_path(home)
-    if path.is_file() and path.stat().st_size > 0:
-        if path.stat().st_mode & 0o077:
-            path.chmod(0o600)
-        return path
-    return write_atomic(path, secrets.token_hex(16), mode=0o600)
+    return _ensure_secret(mlflow_password_path(home), 16)
 
 
 def ray_auth_env(home: str | os.PathLike) -> dict[str, str]:
