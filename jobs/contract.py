@@ -59,12 +59,32 @@ TAG_BEST_RUN = "mnistjobs.best_run_id"
 #: On the parent run: what the driver registered ("mnistjobs-v2 v3, mnistjobs-v0 v1"), or "off".
 TAG_REGISTERED = "mnistjobs.registered"
 #: The parent run's summary metrics (step 0): per model ``<model>.final_test_acc`` and
-#: ``<model>.best_test_acc`` of its best trial (highest final test accuracy), and the same two of
-#: the sweep's best trial without the prefix.
+#: ``<model>.best_epoch_test_acc`` (its highest epoch) of its best trial (highest final test
+#: accuracy), and the same two of the sweep's best trial without the prefix. (``best_<metric>``,
+#: below, is the search's outcome: the best trial's metric at its last epoch.)
 SUMMARY_FINAL = "final_test_acc"
-SUMMARY_BEST = "best_test_acc"
+SUMMARY_BEST = "best_epoch_test_acc"
 #: MLflow's own system metrics on every trial run (SystemMetricsMonitor): "system/<name>".
 SYSTEM_METRIC_PREFIX = "system/"
+#: Issue 14, search jobs, on the parent run: the search (grid | random | optuna), the searched
+#: settings (the space's keys, comma-separated, in the space's order), what it optimised
+#: (``--metric``, ``--mode``) and the scheduler (fifo | asha). At the end the parent also holds
+#: metric ``best_<metric>`` (the best trial's value at its last logged epoch, stopped trials
+#: included; :func:`best_metric_name`) and that trial's searched values as params ``best.<key>``
+#: (:data:`BEST_PARAM_PREFIX`); TAG_BEST_RUN names the trial. Trial runs log the sampled values
+#: as their ordinary params (TRIAL_PARAMS: numbers as numbers).
+TAG_SEARCH = "mnistjobs.search"
+TAG_SEARCHED = "mnistjobs.searched"
+TAG_METRIC = "mnistjobs.metric"
+TAG_MODE = "mnistjobs.mode"
+TAG_SCHEDULER = "mnistjobs.scheduler"
+BEST_PARAM_PREFIX = "best."
+
+
+def best_metric_name(metric: str) -> str:
+    return f"best_{metric}"
+
+
 ROLE_SWEEP = "sweep"
 ROLE_TRIAL = "trial"
 

@@ -386,8 +386,8 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
 def summary_metrics(mlf, trial_runs) -> tuple[dict[str, float], str | None]:
     """The parent run's summary: per model, of its best trial (the FINISHED run with the highest
     final test accuracy), ``<model>.final_test_acc`` (its last test_acc, the last value at the
-    last step) and ``<model>.best_test_acc`` (its highest epoch); then ``final_test_acc`` and
-    ``best_test_acc`` of the sweep's best trial, whose run id is returned."""
+    last step) and ``<model>.best_epoch_test_acc`` (its highest epoch); then ``final_test_acc`` and
+    ``best_epoch_test_acc`` of the sweep's best trial, whose run id is returned."""
     from jobs import mlflow_model as mm
     from jobs.tracking import metric_history
 

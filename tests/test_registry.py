@@ -182,8 +182,8 @@ def test_summary_metrics_per_model_and_the_best(sqlite):
     trial("v2", [99.9], status="FAILED")  # not finished: not a candidate
     v2 = trial("v2", [97.0, 98.5, 98.0])
     metrics, best = summary_metrics(mlf, search_all(mlf, [exp]))
-    assert metrics == {"v0.final_test_acc": 96.0, "v0.best_test_acc": 96.0, "v2.final_test_acc": 98.0,
-                       "v2.best_test_acc": 98.5, "final_test_acc": 98.0, "best_test_acc": 98.5}
+    assert metrics == {"v0.final_test_acc": 96.0, "v0.best_epoch_test_acc": 96.0, "v2.final_test_acc": 98.0,
+                       "v2.best_epoch_test_acc": 98.5, "final_test_acc": 98.0, "best_epoch_test_acc": 98.5}
     assert best == v2 and best_v0
 
 
