@@ -116,16 +116,18 @@ def job_links(cluster: "Cluster", info: "JobDetails") -> dict[str, str | None]:
     return {"dashboard": f"{cluster.dashboard_url}/#/jobs/{info.submission_id}", "mlflow": mlflow}
 
 
-def trials(cluster: "Cluster", info: "JobDetails") -> tuple[list[dict[str, Any]] | None, str | None]:
+def trials(cluster: "Cluster", info: "JobDetails", *, lite: bool = False) -> tuple[list[dict[str, Any]] | None, str | None]:
     """The job's trial rows from MLflow (``jobs.tracking.trial_rows``) and, when they cannot be
-    read, why: ``(rows, None)``, ``(None, reason)``, or ``(None, None)`` with no tracking URI."""
-    from jobs import tracking
+    read, why: ``(rows, None)``, ``(None, reason)``, or ``(None, None)`` with no tracking URI.
+    ``lite``: read them over plain HTTP (jobs.rest), not with MLflow's client."""
+    from jobs import rest, tracking
 
     uri = tracking_uri_of(cluster, info)
     if not uri:
         return None, None
     try:
-        return tracking.trial_rows(tracking.client(uri), logical_id(info)), None
+        mlf = rest.mlflow_reader(uri) if lite else tracking.client(uri)
+        return rest.trial_rows(mlf, logical_id(info)), None
     except Exception as exc:  # noqa: BLE001 - the table is informative only
         return None, f"MLflow at {uri} could not be read: {type(exc).__name__}"
 
@@ -174,14 +176,17 @@ def build_submission_from(cluster: "Cluster", spec_json: str, summary: str, expe
 
 def _mlflow(client: "JobSubmissionClient", cluster: "Cluster"):
     """The MLflow client of the cluster's queue (the cluster's tracking URI, else the one its
-    queue was started with); a JobUsageError when none is known."""
-    from jobs import queue, tracking
+    queue was started with); a JobUsageError when none is known. With the plain-HTTP job client
+    of the fast commands (jobs.rest.RayJobs), MLflow's REST API over plain HTTP too."""
+    from jobs import queue, rest, tracking
 
     if not cluster.tracking_uri:
         cluster.tracking_uri = queue.queue_tracking_uri(client)
     if not cluster.tracking_uri:
         raise JobUsageError("No MLflow tracking URI is known for this cluster's queue: give --tracking-uri "
                             "(MLFLOW_TRACKING_URI).")
+    if rest.is_lite(client):
+        return rest.mlflow_reader(cluster.tracking_uri)
     return tracking.client(cluster.tracking_uri)
 
 
@@ -397,7 +402,8 @@ def cancel(client: "JobSubmissionClient", cluster: "Cluster", job_id: str, *,
     """Stop a job: a queued one leaves the queue and never starts; a running one is stopped
     (waiting up to ``timeout`` s for it to end). Its MLflow runs still RUNNING or SCHEDULED are
     marked KILLED. Returns ``{"before": state, "after": state, "killed_runs": n}``."""
-    from jobs import queue, tracking
+    from jobs import queue
+    from jobs.rest import end_job_runs
 
     view = find_job(client, cluster, job_id)
     before = view.state
@@ -412,7 +418,7 @@ def cancel(client: "JobSubmissionClient", cluster: "Cluster", job_id: str, *,
             late = None
         if late is not None and not has_ended(late):
             client.stop_job(started)
-        killed = 1 + tracking.end_job_runs(mlf, view.job_id, "KILLED", role="trial")
+        killed = 1 + end_job_runs(mlf, view.job_id, "KILLED", role="trial")
         return {"before": before, "after": "STOPPED", "killed_runs": killed, "queued": True}
     info = view.info
     if info is not None and not has_ended(info):
@@ -427,7 +433,7 @@ def cancel(client: "JobSubmissionClient", cluster: "Cluster", job_id: str, *,
         if view.run is not None and view.run.info.status in ("RUNNING", "SCHEDULED"):
             mlf.set_tag(view.run.info.run_id, queue.TAG_QUEUE_STATE, queue.ENDED)
         exp_ids = [meta[META_EXPERIMENT_ID]] if meta.get(META_EXPERIMENT_ID) else None
-        killed = tracking.end_job_runs(mlf, view.job_id, "KILLED", experiment_ids=exp_ids)
+        killed = end_job_runs(mlf, view.job_id, "KILLED", experiment_ids=exp_ids)
     after = status_of(info) if info is not None else ("STOPPED" if killed or before == "RUNNING" else before)
     return {"before": before, "after": after, "killed_runs": killed, "queued": False}
 

@@ -145,3 +145,11 @@ def job_client(cluster: Cluster):
     except (ConnectionError, RuntimeError, ValueError) as e:
         detail = " ".join(str(e).split())
         raise UnreachableError(f"Cannot use the Ray job API at {cluster.dashboard_url}: {detail}") from None
+
+
+def job_reader(cluster: Cluster):
+    """The job API for the commands that answer at once (`list`, `status`, `logs`, `cancel`,
+    `queue`): jobs.rest.RayJobs, plain HTTP with the cluster's token, no Ray import."""
+    from jobs.rest import RayJobs
+
+    return RayJobs(cluster.dashboard_url, cluster.headers)

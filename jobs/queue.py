@@ -149,14 +149,15 @@ def run_order(entries: list[Entry]) -> list[Entry]:
 
 
 def _experiments(mlf: "MlflowClient") -> dict[str, str]:
-    from mlflow.entities import ViewType
+    from jobs.rest import experiments
 
-    return {e.experiment_id: e.name for e in mlf.search_experiments(view_type=ViewType.ACTIVE_ONLY)}
+    return experiments(mlf)
 
 
 def read(mlf: "MlflowClient") -> list[Entry]:
-    """The queue: every queued or admitted job of every active experiment, in run order."""
-    from jobs.mlflow_runs import search_all
+    """The queue: every queued or admitted job of every active experiment, in run order. ``mlf``:
+    MLflow's client or the CLI's plain-HTTP one (jobs.rest.MlflowRest)."""
+    from jobs.rest import search_all
 
     names = _experiments(mlf)
     if not names:
@@ -169,7 +170,7 @@ def read(mlf: "MlflowClient") -> list[Entry]:
 
 def find(mlf: "MlflowClient", job_id: str):
     """The parent run of ``job_id`` (its mnistjobs id), or None."""
-    from jobs.mlflow_runs import job_runs
+    from jobs.rest import job_runs
 
     runs = job_runs(mlf, job_id, role=ROLE_SWEEP)
     return runs[0] if runs else None
@@ -205,7 +206,7 @@ def enqueue(mlf: "MlflowClient", spec, job_id: str, experiment_id: str, *, prior
     from jobs import tracking
 
     run = tracking.open_sweep_run(mlf, spec, job_id, experiment_id, None, status="SCHEDULED")
-    total = len(spec.points())
+    total = spec.trial_count()
     mlf.log_batch(run.run_id, tags=_tags({
         TAG_PRIORITY: priority, TAG_SUBMITTED_AT: now_ms(), TAG_SUBMITTED_BY: submitted_by or who(),
         TAG_NEXT_RAY_JOB: job_id, TAG_TOTAL_TRIALS: total, TAG_SUMMARY: spec.summary()}))

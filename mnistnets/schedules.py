@@ -381,7 +381,9 @@ def check_schedule(spec: str, *, lr: float, epochs: int, steps_per_epoch: int) -
 
 
 def _throwaway(spec: str, lr: float, epochs: int, steps_per_epoch: int) -> Scheduler:
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(lr))
+    from .optim import SGD  # torch's SGD without the first torch._dynamo import (mnistnets.optim)
+
+    optimizer = SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(lr))
     return build_scheduler(spec, optimizer, epochs, steps_per_epoch)
 
 

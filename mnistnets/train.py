@@ -233,13 +233,16 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    """torch's SGD, Adam or AdamW (mnistnets.optim: the same classes, without the first
+    ``torch._dynamo`` import, about 2 s before the first batch on a small CPU machine)."""
+    from .optim import SGD, Adam, AdamW
+
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov and config.momentum > 0,
-                               weight_decay=config.weight_decay)
+        return SGD(params, lr=config.lr, momentum=config.momentum,
+                   nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def build_model(config: TrainConfig) -> torch.nn.Module:
