@@ -40,8 +40,10 @@ for _command in (cli_local.models_cmd, cli_local.data_cmd, cli_local.train_cmd, 
 
 # ---------------------------------------------------------------------------------- connecting
 
-def _connect(address, tracking_uri, home, *, start):
-    """The cluster (jobs.cluster.Cluster) and a job client for it."""
+def _connect(address, tracking_uri, home, *, start, fast=False):
+    """The cluster (jobs.cluster.Cluster) and a job client for it: Ray's JobSubmissionClient, or
+    with ``fast`` the plain-HTTP one of the commands that answer at once (jobs.rest.RayJobs: no
+    Ray import; MLflow is then read over plain HTTP too)."""
     from jobs import cluster as clusters
 
     with service_errors():
@@ -49,7 +51,7 @@ def _connect(address, tracking_uri, home, *, start):
         if start and cluster.embedded and cluster.services is not None and not cluster.services.reused:
             click.echo(f"Started the embedded services in {cluster.services.home}: Ray dashboard "
                        f"{cluster.services.dashboard_url}, MLflow {cluster.services.mlflow_url}", err=True)
-        return cluster, clusters.job_client(cluster)
+        return cluster, (clusters.job_reader(cluster) if fast else clusters.job_client(cluster))
 
 
 # ------------------------------------------------------------------------------------ printing
@@ -75,11 +77,12 @@ def _echo_links(cluster, info) -> None:
         click.echo(f"  MLflow:        {links['mlflow']}")
 
 
-def _trial_table(cluster, info) -> str | None:
-    """The job's trials from MLflow as text (None when no MLflow is known)."""
+def _trial_table(cluster, info, *, lite: bool = False) -> str | None:
+    """The job's trials from MLflow as text (None when no MLflow is known); ``lite``: read over
+    plain HTTP (jobs.rest)."""
     from jobs import client as jc
 
-    rows, problem = jc.trials(cluster, info)
+    rows, problem = jc.trials(cluster, info, lite=lite)
     if problem:
         return f"  ({problem})"
     if rows is None:
@@ -213,7 +216,43 @@ def _echo_queued(cluster, view) -> None:
                    "name: 'cosine,step:step_size=6')  [default: the recipe's onecycle]")
 @click.option("--seeds", type=int, default=None,
               help=f"Seeds per (model, schedule): N runs seeds 1..N; a job has at most {MAX_TRIALS} trials "
-                   f"(models x schedules x seeds x train: lists)  [default: 1]")
+                   f"(models x schedules x seeds x train: lists, x --num-samples under a search). Under "
+                   f"--search random|optuna every sampled config trains with ONE seed (1, or the one seed of a "
+                   f"sweep file's seeds: [7]); more are refused: confirm the best config on more seeds "
+                   f"afterwards with a grid job of its values (--lr 0.05 --seeds 5)  [default: 1]")
+@click.option("--search", type=click.Choice(["grid", "random", "optuna"]), default=None,
+              help="grid: every point of the axes once, nothing sampled; random: --num-samples configs drawn "
+                   "from --space (Tune's BasicVariantGenerator), each run for every model, given schedule and "
+                   "grid(...) axis; optuna: --num-samples configs chosen by Optuna's TPE (Ray Tune's "
+                   "OptunaSearch), one model and no grid axis per job  [default: grid]")
+@click.option("--num-samples", type=int, default=None, metavar="N",
+              help="Configs a search samples (random: per grid point)  [default: 10; not with --search grid]")
+@click.option("--search-seed", type=int, default=None, metavar="S",
+              help="Seed of the search's sampler: the same seed samples the same configs (random search: "
+                   "--dry-run lists them)  [default: none, a new draw each time]")
+@click.option("--space", "space", multiple=True, metavar="KEY=DIST",
+              help="A searched setting (repeatable): lr, momentum, weight_decay, label_smoothing, dropout, "
+                   "ema, clean_epochs, rotation, translate, scale, shear, batch_size, optimizer, schedule, "
+                   "nesterov, augment, tta; DIST is uniform(a,b), loguniform(a,b), randint(a,b) (both "
+                   "included), choice(a,...) (sampled) or grid(a,...) (a grid axis: every item). Quote an item "
+                   "that holds commas: 'schedule=choice(\"onecycle:max_lr=0.05,pct_start=0.2\",cosine)'. A "
+                   "sampled DIST needs --search random|optuna; with --search grid only grid(...) is taken. A "
+                   "setting is searched or fixed (--lr), not both.")
+@click.option("--metric", type=click.Choice(["test_acc", "test_loss", "train_acc", "train_loss"]), default=None,
+              help="What the search and ASHA optimise: a metric every trial reports each epoch; the parent "
+                   "run's best_<metric> and best.<key> record the trial best at its last epoch  "
+                   "[default: test_acc]")
+@click.option("--mode", type=click.Choice(["max", "min"]), default=None,
+              help="Maximise or minimise --metric (a loss needs min)  [default: max]")
+@click.option("--scheduler", type=click.Choice(["fifo", "asha"]), default=None,
+              help="fifo: every trial trains all its epochs; asha: ASHA stops the trials that trail at each "
+                   "rung (epochs grace, grace x factor, ...; its last rung is --epochs, so a trial that trains "
+                   "all its epochs never counts as stopped). A stopped trial's run ends FINISHED, tagged "
+                   "mnistjobs.stopped_early; it is neither retried nor failed  [default: fifo]")
+@click.option("--grace-period", type=int, default=None, metavar="EPOCHS",
+              help="ASHA: epochs every trial trains before it can be stopped, at most --epochs  [default: 1]")
+@click.option("--reduction-factor", type=float, default=None, metavar="F",
+              help="ASHA: at each rung the best 1/F of the trials go on; > 1  [default: 3]")
 @recipe_options
 @click.option("--gpus-per-trial", type=float, default=None, metavar="FRACTION",
               help="Fraction of a GPU per trial, 0-1; 0.25 lets four trials share a GPU  "
@@ -243,10 +282,12 @@ def _echo_queued(cluster, view) -> None:
 @address_option
 @tracking_option
 @home_option
-def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurrent, max_failures,
+def submit(models, schedules, seeds, search, num_samples, search_seed, space, metric, mode, scheduler, grace_period,
+           reduction_factor, gpus_per_trial, cpus_per_trial, max_concurrent, max_failures,
            experiment, priority, register, system_metrics_interval, config_file, dry_run, wait, address,
            tracking_uri, home, **recipe):
-    """Submit a sweep: one Ray Tune trial per (model, schedule, seed), tracked in MLflow.
+    """Submit a sweep: one Ray Tune trial per (model, schedule, seed), tracked in MLflow; or a
+    search (--search random|optuna) of --num-samples configs drawn from --space.
 
     The spec is validated first: an unknown model, a bad schedule, epochs < 1, a GPU fraction
     outside 0-1 and the like exit with code 2 and create nothing. With no --address, the
@@ -265,10 +306,21 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
     like v2-onecycle-s1, and is retried from its last checkpoint if it fails.
 
     \b
+    A search's trials are named by Tune's counter (v2-t003) and log their sampled values as
+    params; the parent run gets the tags mnistjobs.search, .searched, .metric, .mode and
+    .scheduler, and at the end best_<metric>, the best config as params best.<key> and
+    mnistjobs.best_run_id (best by --metric at each trial's last logged epoch, stopped trials
+    included). `mnistjobs resume JOB` restores the searcher: finished trials are not rerun and
+    no config is sampled twice. The sweep file takes the same settings (search:, num_samples:,
+    space: as a mapping KEY: DIST or a list of KEY=DIST, metric:, scheduler:, ...).
+
+    \b
     Examples:
       mnistjobs submit --models all --wait
       mnistjobs submit --models v0,v2 --schedules 'onecycle:max_lr=0.05' --schedules cosine --seeds 3
       mnistjobs submit --config sweep.yaml --epochs 20 --dry-run
+      mnistjobs submit --models v2 --search random --num-samples 12 --search-seed 1 --scheduler asha \\
+        --space 'lr=loguniform(0.01,0.5)' --space 'weight_decay=loguniform(1e-5,1e-3)' --dry-run
     """
     from jobs import client as jc
     from jobs.spec import format_trial_table
@@ -277,11 +329,13 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
         "models": list(models) or None, "schedules": list(schedules) or None, "seeds": seeds,
         "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent,
         "max_failures": max_failures, "experiment": experiment, "priority": priority, "register": register,
-        "system_metrics_interval": system_metrics_interval}, recipe,
+        "system_metrics_interval": system_metrics_interval, "search": search, "num_samples": num_samples,
+        "search_seed": search_seed, "space": list(space) or None, "metric": metric, "mode": mode,
+        "scheduler": scheduler, "grace_period": grace_period, "reduction_factor": reduction_factor}, recipe,
         home=home, dry_run=dry_run)
     if dry_run:
         click.echo(f"Dry run, nothing submitted. {spec.summary()}, experiment {spec.experiment!r}:")
-        click.echo(format_trial_table(spec))
+        _echo_search_dry_run(spec)
         return
     _check_tracking(address, tracking_uri, home)
     cluster, client = _connect(address, tracking_uri, home, start=True)
@@ -298,6 +352,29 @@ def submit(models, schedules, seeds, gpus_per_trial, cpus_per_trial, max_concurr
         click.echo(f"  Follow it:     mnistjobs logs {job_id} --follow   (or: mnistjobs status {job_id})")
         return
     _wait(client, cluster, job_id)
+
+
+def _echo_search_dry_run(spec) -> None:
+    """The dry run's table: the trials of a grid or of a seeded random search (the configs it will
+    run, drawn as Tune draws them), else the space and the grid points each sample runs at."""
+    from jobs import search as searches
+    from jobs.space import describe_space
+    from jobs.spec import format_trial_table
+
+    if not searches.is_search(spec):
+        if spec.space:
+            click.echo(describe_space(spec.parsed_space()))
+        click.echo(format_trial_table(spec))
+        return
+    click.echo(describe_space(spec.parsed_space()))
+    if spec.search == "random" and spec.search_seed is not None:
+        click.echo(f"The {spec.trial_count()} configs search seed {spec.search_seed} samples, in the order Tune runs them:")
+        click.echo(format_trial_table(spec, trials=searches.sample_configs(spec)))
+        return
+    why = ("Optuna chooses each config from the results before it" if spec.search == "optuna"
+           else "give --search-seed to list them here")
+    click.echo(f"Sampled when the job runs ({why}): {spec.num_samples} config(s) at each grid point below.")
+    click.echo(format_trial_table(spec))
 
 
 def _echo_job_links(cluster, job_id, spec) -> None:
@@ -365,11 +442,11 @@ def _check_tracking(address, tracking_uri, home) -> None:
 def status_cmd(job, address, tracking_uri, home):
     """Show a job (its state and a table of its trials from MLflow), or, with no JOB, the
     embedded services and the jobs on the cluster."""
-    from jobs import client as jc
+    from jobs import client as jc, rest
 
     if job is None and not address and not _echo_services(home):
         return
-    cluster, client = _connect(address, tracking_uri, home, start=False)
+    cluster, client = _connect(address, tracking_uri, home, start=False, fast=True)
     if job is None:
         with service_errors():
             _echo_jobs(client, cluster)
@@ -387,7 +464,7 @@ def status_cmd(job, address, tracking_uri, home):
     if info.message and state != "RUNNING":
         click.echo(f"  {info.message}")
     _echo_links(cluster, info)
-    table = _trial_table(cluster, info)
+    table = _trial_table(cluster, info, lite=rest.is_lite(client))
     if table:
         click.echo(table)
 
@@ -413,7 +490,7 @@ def _echo_services(home) -> bool:
 @home_option
 def list_cmd(address, home):
     """List the jobs on the cluster: id, state, submission time, run time, sweep."""
-    cluster, client = _connect(address, None, home, start=False)
+    cluster, client = _connect(address, None, home, start=False, fast=True)
     with service_errors():
         _echo_jobs(client, cluster)
 
@@ -431,7 +508,7 @@ def logs_cmd(job, follow, full, address, home):
     """Print a job's log: the sweep driver's output, one line per trial epoch and event."""
     from jobs import client as jc
 
-    cluster, client = _connect(address, None, home, start=False)
+    cluster, client = _connect(address, None, home, start=False, fast=not follow)  # --follow: Ray's websocket
     with service_errors():
         view = jc.find_job(client, cluster, job)
     ray_job_id = view.info.submission_id if view.info is not None else view.ray_job_id
@@ -461,7 +538,7 @@ def cancel_cmd(job, address, tracking_uri, home):
     Its MLflow runs are marked KILLED (never left RUNNING or SCHEDULED)."""
     from jobs import client as jc
 
-    cluster, client = _connect(address, tracking_uri, home, start=False)
+    cluster, client = _connect(address, tracking_uri, home, start=False, fast=True)
     with service_errors():
         result = jc.cancel(client, cluster, job)
     if result.get("queued"):
@@ -515,13 +592,13 @@ def queue_cmd(address, tracking_uri, home):
     (higher first), then submission time. The next queued job starts once every job ahead of it
     has started all its trials. Columns: place, job, state, priority, submitted, trials done /
     total, experiment, who submitted it."""
-    from jobs import client as jc, queue, tracking
+    from jobs import client as jc, queue, rest
 
-    cluster, client = _connect(address, tracking_uri, home, start=False)
+    cluster, client = _connect(address, tracking_uri, home, start=False, fast=True)
     with service_errors():
         mlf = jc._mlflow(client, cluster)
         entries = queue.read(mlf)
-        done = {e.job_id: sum(r.info.status == "FINISHED" for r in tracking.job_runs(
+        done = {e.job_id: sum(r.info.status == "FINISHED" for r in rest.job_runs(
             mlf, e.job_id, role="trial", experiment_ids=[e.experiment_id])) for e in entries}
     if not entries:
         click.echo("The queue is empty: no job is queued or running.")

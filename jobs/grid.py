@@ -46,11 +46,17 @@ def trial_name(config: dict[str, Any]) -> str:
     """A trial's name from its config: ``<model>-<schedule label>-s<seed>``, then ``-<setting><value>``
     per other axis (``v2-onecycle-s1``, ``v2-onecycle-s1-lr0.05``). The label is the schedule's
     name, numbered when two given schedules share it (``onecycle2``); with none given, the name of
-    the model's recipe schedule. The MLflow run, the Tune trial folder and the job log use it."""
+    the model's recipe schedule. The MLflow run, the Tune trial folder and the job log use it.
+
+    Under a search (``--search random|optuna``) a trial is named ``<model>-t<NNN>`` by Tune's trial
+    counter (``jobs.search.TrialNamer``), which a config cannot know: this then names the grid point
+    only (``v2``, ``v2-dropout0.1``), for messages about the point."""
     from mnistnets.schedules import parse_schedule
 
     naming = config.get(NAMING_KEY) or {}
     model = config["model"]
+    if naming.get("search"):  # a search's trial is named by Tune's counter (jobs.search): this is its grid point
+        return model + "".join(f"-{name}{_axis_text(config[name])}" for name in naming.get("axes", []))
     schedule = config.get("schedule") or recipe_schedule(model)
     label = naming.get("labels", {}).get(schedule) or parse_schedule(schedule)[0]
     others = "".join(f"-{name}{_axis_text(config[name])}" for name in naming.get("axes", []))

@@ -29,6 +29,25 @@ TrainConfig (``recipe_for``) and its name (``v2-onecycle-s1``). A YAML file look
       weight_decay: 0.0005
       lr: [0.05, 0.1]         # a list: one more grid axis (trials named ...-lr0.05, ...-lr0.1)
 
+A search (issue 14, ``jobs.search``; ``jobs.space`` for the DIST texts) samples instead::
+
+    models: v2
+    search: random            # grid (default) | random | optuna
+    num_samples: 12           # configs sampled (random: at each grid point)  [default: 10]
+    search_seed: 1            # the same seed, the same configs
+    space:                    # KEY: DIST (or a list of "KEY=DIST" strings)
+      lr: loguniform(0.01,0.5)
+      schedule: choice("onecycle:max_lr=0.05,pct_start=0.2",cosine)
+    metric: test_acc          # test_acc | test_loss | train_acc | train_loss  [default: test_acc]
+    mode: max                 # [default: max]
+    scheduler: asha           # fifo (default) | asha
+    grace_period: 1           # ASHA  [default: 1]
+    reduction_factor: 3       # ASHA  [default: 3]
+
+Under a search every sampled config trains with one seed; ``grid(...)`` dists, several models
+or schedules and ``train:`` lists are grid axes of a random search (Optuna takes none); with
+``search: grid`` a space may hold ``grid(...)`` dists only (more axes of the grid).
+
 Every input gets an answer at once: a job has at most MAX_TRIALS trials (counted from the axes'
 lengths before any point is built) of at most MAX_EPOCHS epochs, and a sweep file is a regular
 file of at most MAX_SPEC_BYTES whose YAML holds at most MAX_SPEC_VALUES values.
@@ -45,8 +64,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
+from jobs import search as _search
 from jobs.contract import DEFAULT_EXPERIMENT
 from jobs.grid import GRID_AXES, NAMING_KEY, recipe_schedule, trial_config, trial_name
+from jobs.space import SpaceError, check_search, parse_item, parse_space, to_tune
 
 AUTO_GPU_FRACTION = 0.25
 #: At most this many trials in one job (4 models x 7 schedules x 10 seeds = 280 fit): a typo such as
@@ -148,6 +169,17 @@ class SweepSpec:
     register: bool = True                # register each model's best trial (mnistjobs-<model>, @best)
     system_metrics_interval: float = DEFAULT_SYSTEM_METRICS_INTERVAL  # s between samples; 0: off
     train: dict[str, Any] = field(default_factory=dict)  # other TrainConfig settings, every trial
+    # The search (issue 14; jobs.search): "grid" (the axes above, nothing sampled), "random"
+    # (Tune's BasicVariantGenerator) or "optuna" (OptunaSearch, TPE) over ``space``.
+    search: str = "grid"
+    num_samples: int | None = None       # configs a search samples; None: DEFAULT_NUM_SAMPLES (searches only)
+    search_seed: int | None = None       # makes the sampled configs reproducible
+    space: dict[str, str] = field(default_factory=dict)  # setting -> DIST text (jobs.space)
+    metric: str = "test_acc"             # what the search and the scheduler optimise (a per-epoch metric)
+    mode: str = "max"                    # max | min
+    scheduler: str = "fifo"              # fifo (every trial to the end) | asha (early stopping)
+    grace_period: int | None = None      # ASHA: epochs before a trial can be stopped; None: 1
+    reduction_factor: float | None = None  # ASHA: keep 1/this at each rung, > 1; None: 3
 
     # ------------------------------------------------------------------ construction
 
@@ -216,6 +248,8 @@ class SweepSpec:
                 if not isinstance(value, dict):
                     raise SpecError(f"train: must be a mapping of TrainConfig settings, not {value!r}.")
                 value = {**self.train, **value}
+            elif name == "space":  # a mapping KEY -> DIST, or KEY=DIST strings; later ones override per key
+                value = {**(self.space or {}), **_space_mapping(value)}
             setattr(self, name, value)
         return self
 
@@ -223,10 +257,140 @@ class SweepSpec:
 
     def validate(self) -> "SweepSpec":
         """Raise SpecError for anything that would make a trial fail before it trains."""
+        self._validate_search()
         self._validate_axes()
         self._validate_settings()
         self._validate_trials()
         return self
+
+    # ------------------------------------------------------------------ the search (issue 14)
+
+    def is_search(self) -> bool:
+        """A random or Optuna search (sampled configs), not a plain grid."""
+        return self.search != "grid"
+
+    def parsed_space(self) -> dict:
+        """The space as {key: jobs.space.Dist} (validated by ``validate``)."""
+        return parse_space(self.space or {}, origin="--space") if self.space else {}
+
+    def _validate_search(self) -> None:
+        """--search, --num-samples, --search-seed, --metric, --mode, --scheduler, --grace-period,
+        --reduction-factor and the space itself (jobs.space.parse_space: keys, distributions,
+        bounds); what the space must fit (the axes, the fixed settings) is checked with the axes."""
+        from mnistnets.train import is_number
+
+        if not isinstance(self.search, str) or self.search.strip().lower() not in _search.SEARCHES:
+            raise SpecError(f"--search must be one of {', '.join(_search.SEARCHES)}, not {_brief.repr(self.search)}.")
+        self.search = self.search.strip().lower()
+        if not self.is_search():
+            for name, option in (("num_samples", "--num-samples"), ("search_seed", "--search-seed")):
+                if getattr(self, name) is not None:
+                    raise SpecError(f"{option} is for a search: add --search random or --search optuna (a grid, "
+                                    f"the default --search grid, runs each of its points once and samples nothing).")
+        else:
+            if self.num_samples is None:
+                self.num_samples = _search.DEFAULT_NUM_SAMPLES
+            self._check_int("num_samples", 1, "--num-samples", maximum=MAX_TRIALS)
+            if self.search_seed is not None:
+                self._check_int("search_seed", 0, "--search-seed", maximum=_search.MAX_SEARCH_SEED)
+        if not isinstance(self.metric, str) or self.metric.strip() not in _search.METRICS:
+            raise SpecError(f"--metric must be a metric every trial reports at every epoch: "
+                            f"{', '.join(_search.METRICS)}; not {_brief.repr(self.metric)}.")
+        self.metric = self.metric.strip()
+        if not isinstance(self.mode, str) or self.mode.strip().lower() not in _search.MODES:
+            raise SpecError(f"--mode must be max or min, not {_brief.repr(self.mode)}.")
+        self.mode = self.mode.strip().lower()
+        if self.metric.endswith("_loss") and self.mode == "max":
+            raise SpecError(f"--metric {self.metric} with --mode max would look for the highest loss; "
+                            f"add --mode min (or optimise an accuracy: --metric test_acc).")
+        if not isinstance(self.scheduler, str) or self.scheduler.strip().lower() not in _search.SCHEDULERS:
+            raise SpecError(f"--scheduler must be fifo (every trial trains all its epochs) or asha (early "
+                            f"stopping), not {_brief.repr(self.scheduler)}.")
+        self.scheduler = self.scheduler.strip().lower()
+        if self.scheduler != "asha":
+            for name, option in (("grace_period", "--grace-period"), ("reduction_factor", "--reduction-factor")):
+                if getattr(self, name) is not None:
+                    raise SpecError(f"{option} is a setting of ASHA: add --scheduler asha, or drop {option}.")
+        else:
+            if self.grace_period is None:
+                self.grace_period = _search.DEFAULT_GRACE_PERIOD
+            if self.reduction_factor is None:
+                self.reduction_factor = _search.DEFAULT_REDUCTION_FACTOR
+            epochs = self.epochs if _is_int(self.epochs) and self.epochs >= 1 else None
+            if epochs is not None:
+                self._check_int("grace_period", 1, "--grace-period", maximum=epochs)
+            else:
+                self._check_int("grace_period", 1, "--grace-period")
+            rf = self.reduction_factor
+            if not is_number(rf) or isinstance(rf, bool) or not math.isfinite(rf) or rf <= 1:
+                raise SpecError(f"--reduction-factor must be a number > 1 (ASHA keeps the best 1/N of the "
+                                f"trials at each rung; e.g. 3), not {_brief.repr(rf)}.")
+        if not isinstance(self.space, dict):
+            self.space = _space_mapping(self.space)
+        epochs = self.epochs if _is_int(self.epochs) and self.epochs >= 1 else None
+        try:
+            space = parse_space(self.space, epochs=epochs, origin="--space")
+            check_search(space, self.search)
+        except SpaceError as e:
+            raise SpecError(f"{e}.") from None
+        self.space = {key: d.text() for key, d in space.items()}
+        if self.search == "random" and not any(d.kind != "grid" for d in space.values()):
+            raise SpecError("--search random samples settings from --space, and "
+                            + ("it has only grid(...) axes" if space else "no --space is given")
+                            + ": add e.g. --space 'lr=loguniform(0.01,0.5)' (uniform, loguniform, randint, "
+                              "choice), or drop --search for a grid.")
+        if self.search == "optuna" and not space:
+            raise SpecError("--search optuna samples settings from --space, and no --space is given: add e.g. "
+                            "--space 'lr=loguniform(0.01,0.5)'.")
+
+    def _validate_search_fit(self) -> None:
+        """What the space and the search need of the axes: a searched setting is not also fixed;
+        one seed per sampled config; Optuna takes no grid axis."""
+        space = self.parsed_space()
+        for key in space:
+            option = "--" + key.replace("_", "-")
+            if key in self.train:
+                raise SpecError(f"--space {key}: {key} is also given as a fixed setting ({option} or train: {key}); "
+                                f"give it one way: drop {option} to search it, or drop --space {key}.")
+            if key in ("batch_size", "optimizer", "augment") and getattr(self, key) is not None:
+                flag = "--augment/--no-augment" if key == "augment" else option
+                raise SpecError(f"--space {key}: {key} is also given as a fixed setting ({flag}); give it one "
+                                f"way: drop {flag} to search it, or drop --space {key}.")
+            if key == "schedule" and self.schedules:
+                raise SpecError("--space schedule: the schedules are also given (--schedules); give them one way: "
+                                "--space 'schedule=choice(a,b)' to sample them, --space 'schedule=grid(a,b)' or "
+                                "--schedules for a grid axis.")
+        if not self.is_search():
+            return
+        seeds = self.seed_list()
+        if len(seeds) > 1:
+            raise SpecError(f"--seeds {_brief.repr(self.seeds)}: under --search {self.search} every sampled config "
+                            f"trains with one seed (--seeds 1, or one seed: seeds: [7]), so that the samples go to "
+                            f"configs, not to repeats. To confirm the best config on more seeds afterwards, submit a "
+                            f"grid job with its values as options, e.g. `mnistjobs submit --models v2 --lr 0.05 "
+                            f"--seeds 5` (the parent run's best.<key> params hold them).")
+        if self.search == "optuna":
+            models = split_models(self.models)
+            if len(models) > 1:
+                raise SpecError(f"--search optuna searches one model, and --models gives {len(models)} "
+                                f"({', '.join(models)}); submit one job per model (Optuna samples every setting "
+                                f"itself and cannot run a grid axis), or use --search random, which searches "
+                                f"each model.")
+            if len(self._schedule_specs()) > 1:
+                raise SpecError("--search optuna cannot run several --schedules (a grid axis): give one, or search "
+                                "them with --space 'schedule=choice(a,b)'.")
+            lists = [name for name, values in self.train.items() if isinstance(values, (list, tuple))]
+            if lists:
+                raise SpecError(f"train: {lists[0]}: a list is a grid axis, and --search optuna cannot run one; "
+                                f"search it with --space '{lists[0]}=choice(...)', or use --search random.")
+
+    def _schedule_specs(self) -> list[str]:
+        """The schedules of the schedule axis: --schedules, or a ``schedule=grid(...)`` of the space."""
+        schedules = split_schedules(self.schedules)
+        if schedules:
+            return schedules
+        dist = self.parsed_space().get("schedule") if self.space else None
+        return [str(v) for v in dist.args] if dist is not None and dist.kind == "grid" else []
 
     def _validate_axes(self) -> None:
         """The models, the schedules, the seeds and the ``train:`` lists; then the number of
@@ -261,6 +425,7 @@ class SweepSpec:
             if not values or len(set(map(repr, values))) != len(values):
                 raise SpecError(f"train: {name}: a list is a grid axis of distinct values (one trial per value), "
                                 f"not {_brief.repr(list(values))}.")
+        self._validate_search_fit()
         self._check_trial_count()
         for spec in self.schedules:
             try:
@@ -277,27 +442,34 @@ class SweepSpec:
     def _axis_sizes(self) -> dict[str, int]:
         """Each axis's length, computed without building it (``seeds: 1000000`` is a number)."""
         sizes = {"model": len(split_models(self.models))}
-        schedules = split_schedules(self.schedules)
+        schedules = self._schedule_specs()
         if schedules:
             sizes["schedule"] = len(schedules)
         sizes["seed"] = len(self.seeds) if isinstance(self.seeds, list) else int(self.seeds)
         sizes.update({name: len(values) for name, values in self.train.items() if isinstance(values, (list, tuple))})
+        sizes.update({key: len(d.args) for key, d in self.parsed_space().items()
+                      if d.kind == "grid" and key != "schedule"})
+        if self.is_search():
+            sizes["sample"] = int(self.num_samples or _search.DEFAULT_NUM_SAMPLES)
         return sizes
 
     def trial_count(self) -> int:
-        """How many trials the grid of a validated spec has: the product of the axes' lengths (no
-        trial is built; ``validate`` refuses more than MAX_TRIALS before it builds any)."""
+        """How many trials a validated spec has: the product of the axes' lengths, times
+        ``num_samples`` under a search (no trial is built; ``validate`` refuses more than
+        MAX_TRIALS before it builds any)."""
         return math.prod(self._axis_sizes().values())
 
     def _check_trial_count(self) -> None:
         sizes = self._axis_sizes()
         count = math.prod(sizes.values())
         if count > MAX_TRIALS:
-            words = {"model": "models", "schedule": "schedules", "seed": "seeds"}
-            parts = " x ".join(f"{n} {words.get(axis, 'values of train: ' + axis)}" for axis, n in sizes.items())
+            words = {"model": "models", "schedule": "schedules", "seed": "seeds", "sample": "samples (--num-samples)"}
+            space = self.parsed_space()
+            parts = " x ".join(f"{n} {words.get(axis) or ('values of --space ' + axis if axis in space else 'values of train: ' + axis)}"
+                               for axis, n in sizes.items())
             raise SpecError(f"The sweep has {count:,} trials ({parts}); a job runs at most {MAX_TRIALS}. "
-                            f"Give fewer seeds (--seeds), models, schedules or train: values, or split the "
-                            f"sweep into several jobs.")
+                            f"Give fewer seeds (--seeds), models, schedules, train: values, grid(...) items or "
+                            f"--num-samples, or split the sweep into several jobs.")
 
     def _validate_settings(self) -> None:
         """The settings every trial shares, and where it runs."""
@@ -347,17 +519,34 @@ class SweepSpec:
                             f"set {'it' if len(clash) == 1 else 'them'} at the top level.")
 
     def _validate_trials(self) -> None:
-        """Every trial's TrainConfig, before anything starts."""
+        """Every trial's TrainConfig, before anything starts. Under a search each point of the
+        grid is checked with each sampled setting at its first value (a range's low bound, a
+        choice's first item), and each model's first point with every other bound and item too:
+        a sampled value that no recipe of the job can take (a schedule whose warmup exceeds the
+        epochs) is refused up front."""
+        points = self.points()
+        sampled = {key: list(d.args) for key, d in self.parsed_space().items() if d.kind != "grid"}
+        first = {key: values[0] for key, values in sampled.items()}
+        checks = [({**point, **first}, None) for point in points]
+        models_seen: set[str] = set()
+        for point in points:
+            if point["model"] in models_seen:
+                continue
+            models_seen.add(point["model"])
+            checks += [({**point, **first, key: value}, key) for key, values in sampled.items() for value in values[1:]]
         try:
-            configs = [(trial_name(point), trial_config(point)) for point in self.points()]
+            configs = [(trial_name(point), trial_config(point), point, key) for point, key in checks]
         except ValueError as e:  # an unknown key under train:
             raise SpecError(f"train: {e}.") from None
-        for name, config in configs:
+        for name, config, point, key in configs:
             try:
                 config.validate()
             except ValueError as e:
-                raise SpecError(f"Trial {name}: {e}.") from None
-        names = [n for n, _ in configs]
+                if not sampled:
+                    raise SpecError(f"Trial {name}: {e}.") from None
+                values = ", ".join(f"{k}={point[k]!r}" for k in ([key] if key else sampled))
+                raise SpecError(f"Trial {name} with {values} of --space: {e}.") from None
+        names = [n for n, _, _, key in configs if key is None]
         if len(set(names)) != len(names):  # pragma: no cover - the axes keep names unique
             raise SpecError("two trials have the same name")
 
@@ -381,8 +570,8 @@ class SweepSpec:
         schedules given, each model runs its recipe's schedule (``model=None``: every model's)."""
         from mnistnets.schedules import parse_schedule
 
-        if self.schedules:
-            specs = list(self.schedules)
+        if self._schedule_specs():
+            specs = self._schedule_specs()
         else:
             models = split_models(self.models) if model is None else [model]
             specs = list(dict.fromkeys(recipe_schedule(m) for m in models))
@@ -399,10 +588,12 @@ class SweepSpec:
         schedule, seed, then each ``train:`` setting given as a list). With no schedules given,
         ``schedule`` is no axis: each model runs its recipe's (``fixed_settings``)."""
         axes: dict[str, list] = {"model": split_models(self.models)}
-        if self.schedules:
-            axes["schedule"] = list(self.schedules)
+        if self._schedule_specs():
+            axes["schedule"] = self._schedule_specs()
         axes["seed"] = [int(seed) for seed in self.seed_list()]
         axes.update({name: list(values) for name, values in self.train.items() if isinstance(values, (list, tuple))})
+        axes.update({key: list(d.args) for key, d in self.parsed_space().items()
+                     if d.kind == "grid" and key != "schedule"})  # grid(...) of --space: axes too
         return axes
 
     def fixed_settings(self) -> dict[str, Any]:
@@ -412,28 +603,37 @@ class SweepSpec:
         shared = {name: value for name, value in self.train.items() if not isinstance(value, (list, tuple))}
         fixed = {**shared, **given, "epochs": self.epochs, "train_limit": self.train_limit,
                  "test_limit": self.test_limit, "data_dir": self.data_dir}
-        if not self.schedules:
+        if not self._schedule_specs():
             fixed["schedule"] = None
         return fixed
 
     def _naming(self) -> dict[str, Any]:
         """What names a point besides its model and seed: the given schedules' labels and the
         other axes (a plain value of every point, so that a trial's config names it)."""
-        labels = {spec: label for label, spec in self.schedule_labels()} if self.schedules else {}
-        return {"labels": labels, "axes": [name for name in self.axes() if name not in GRID_AXES]}
+        labels = {spec: label for label, spec in self.schedule_labels()} if self._schedule_specs() else {}
+        naming = {"labels": labels, "axes": [name for name in self.axes() if name not in GRID_AXES]}
+        if self.is_search():
+            naming["search"] = self.search  # named by Tune's trial counter (jobs.search)
+        return naming
 
     def param_space(self, **fixed: Any) -> dict[str, Any]:
         """Tune's ``param_space``: each axis a ``tune.grid_search``, every fixed setting a plain
         value; ``fixed`` adds plain values every trial gets (the driver's ``job``). Tune expands
-        the grid in its own order; :meth:`points` lists the same points in the spec's."""
+        the grid in its own order; :meth:`points` lists the same points in the spec's. Under a
+        search the space's sampled settings are Tune's distributions (``jobs.space.to_tune``) and
+        an axis of one value is a plain value (Optuna takes no grid_search at all)."""
         from ray import tune
 
-        grid = {name: tune.grid_search(values) for name, values in self.axes().items()}
-        return {**self.fixed_settings(), NAMING_KEY: self._naming(), **grid, **fixed}
+        grid = {name: (values[0] if self.is_search() and len(values) == 1 else tune.grid_search(values))
+                for name, values in self.axes().items()}
+        sampled = to_tune({key: d for key, d in self.parsed_space().items() if d.kind != "grid"})
+        return {**self.fixed_settings(), NAMING_KEY: self._naming(), **grid, **sampled, **fixed}
 
     def points(self) -> list[dict[str, Any]]:
         """Every point of the grid (a trial's config as Tune samples it), in grid order: model,
-        schedule, seed, then the other axes, the last varying fastest."""
+        schedule, seed, then the other axes, the last varying fastest. Under a search, the grid
+        points each sample runs at, without the sampled settings (:meth:`trial_count` counts
+        the trials; ``jobs.search.sample_configs`` draws a seeded random search's)."""
         axes = self.axes()
         base = {**self.fixed_settings(), NAMING_KEY: self._naming()}
         return [{**base, **dict(zip(axes, values))} for values in itertools.product(*axes.values())]
@@ -457,9 +657,17 @@ class SweepSpec:
         n = self.trial_count()
         others = "".join(f" x {name} {', '.join(map(str, values))}" for name, values in self.axes().items()
                          if name not in GRID_AXES)
-        return (f"{n} trial{'s' if n != 1 else ''}: {', '.join(split_models(self.models))} x "
-                f"{', '.join(label for label, _ in self.schedule_labels())} x {seed_text}{others}, "
-                f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}")
+        space = self.parsed_space()
+        search = ""
+        if self.is_search():
+            sampled = [key for key, d in space.items() if d.kind != "grid"]
+            search = f"{self.search} search of {', '.join(sampled)} ({self.num_samples} samples) x "
+        schedules = ("" if self.is_search() and "schedule" in space and space["schedule"].kind != "grid"
+                     else f"{', '.join(label for label, _ in self.schedule_labels())} x ")
+        asha = (f", ASHA on {self.metric} ({self.mode}, grace {self.grace_period}, reduction {self.reduction_factor:g})"
+                if self.scheduler == "asha" else "")
+        return (f"{n} trial{'s' if n != 1 else ''}: {search}{', '.join(split_models(self.models))} x "
+                f"{schedules}{seed_text}{others}, {self.epochs} epoch{'s' if self.epochs != 1 else ''}{asha}")
 
     # ------------------------------------------------------------------ serialisation
 
@@ -481,6 +689,39 @@ class SweepSpec:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _space_mapping(value: Any) -> dict[str, str]:
+    """``space:`` / ``--space`` values as {KEY: DIST text}: a mapping of KEY to DIST, or KEY=DIST
+    strings (one, or a list of them); a key given twice in one list is refused."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {str(k).strip(): (v if isinstance(v, str) else _format_plain(v)) for k, v in value.items()}
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise SpecError(f"space: must be a mapping of settings to distributions (lr: loguniform(0.01,0.5)) or a "
+                        f"list of KEY=DIST strings, not {_brief.repr(value)}.")
+    out: dict[str, str] = {}
+    for item in value:
+        if not isinstance(item, str):
+            raise SpecError(f"space: an item must be a KEY=DIST string, e.g. 'lr=loguniform(0.01,0.5)', "
+                            f"not {_brief.repr(item)}.")
+        try:
+            key = parse_item(item).key
+        except SpaceError as e:
+            raise SpecError(f"{e}.") from None
+        dist = item.partition("=")[2].strip()
+        if key in out:
+            raise SpecError(f"--space {key}: given twice ({out[key]} and {dist}); give each setting one distribution.")
+        out[key] = dist
+    return out
+
+
+def _format_plain(value: Any) -> str:
+    """A YAML value under ``space:`` that is no DIST text (``lr: 0.1``), as text for the message."""
+    return "true" if value is True else "false" if value is False else str(value)
 
 
 def _read_spec_file(path: Path) -> str:
@@ -544,11 +785,18 @@ def _count_values(value: Any, limit: int) -> int:
     return count
 
 
-def format_trial_table(spec: SweepSpec, gpus: float | None = None) -> str:
-    """The dry-run table: one line per trial."""
+def format_trial_table(spec: SweepSpec, gpus: float | None = None, trials=None) -> str:
+    """The dry-run table: one line per trial (``trials``: ``[(name, point), ...]``, e.g. a seeded
+    random search's configs from ``jobs.search.sample_configs``; default: the spec's grid points,
+    under a search without the settings it samples)."""
     from mnistnets.train import TrainConfig
 
-    trials = spec.trials()
+    if trials is not None:
+        trials = [(name, trial_config(point).to_dict()) for name, point in trials]
+    else:
+        sampled = set(spec.parsed_space()) if spec.is_search() else set()
+        trials = [(name, {k: ("sampled" if k in sampled else v) for k, v in config.items()})
+                  for name, config in spec.trials()]
     gpu_text = ("auto" if spec.gpus_per_trial is None else f"{spec.gpus_per_trial:g}") if gpus is None else f"{gpus:g}"
     width = max([len("trial")] + [len(n) for n, _ in trials])
     shared = TrainConfig().to_dict()

@@ -12,6 +12,12 @@ settings plain values); a trial (``jobs.trial.train_trial``) builds its TrainCon
 point it is given. The driver: the parent MLflow run (:func:`open_sweep_run`), a resource check,
 the tuner (:func:`build_tuner`), then the runs' final state (``tracking.end_job_runs``).
 
+A search (``--search random|optuna``, issue 14): the TuneConfig gets the search's metric, mode,
+num_samples, search algorithm, scheduler (ASHA) and trial names from ``jobs.search``; the
+parent run carries the search's tags from the start and its outcome (``best_<metric>``,
+``best.<key>``, the best run) at the end (``jobs.search.log_outcome``). ``Tuner.restore``
+brings the searcher back with its state, so a resumed search samples no config twice.
+
 Stopped on purpose: a trial Tune stops (a stopper, a scheduler's STOP) ends FINISHED, tagged
 ``mnistjobs.stopped_early=true`` and ``mnistjobs.stopped_at_epoch=E`` (the epochs it trained
 and logged) when it trained fewer than planned; the job counts it as done, not failed. The trial
@@ -38,7 +44,7 @@ from typing import Any
 from ray import tune
 
 from jobs.contract import (ROLE_TRIAL, SUMMARY_BEST, SUMMARY_FINAL, TAG_BEST_RUN, TAG_DIVERGED, TAG_DIVERGED_REASON,
-                           TAG_HELD, TAG_QUEUE_STATE, TAG_REGISTERED, TAG_TRIAL, TAG_WAITING_TRIALS)
+                           TAG_HELD, TAG_QUEUE_STATE, TAG_REGISTERED, TAG_STOPPED_EARLY, TAG_TRIAL, TAG_WAITING_TRIALS)
 from jobs.grid import trial_config, trial_name
 from jobs.trial import stopped_tags, train_trial
 
@@ -77,7 +83,7 @@ def resolve_storage(storage_path: str | None = None) -> str:
 
 
 def _trial_dirname(trial) -> str:
-    return f"{trial_name(trial.config)}_{trial.trial_id}"
+    return f"{getattr(trial, 'custom_trial_name', None) or trial_name(trial.config)}_{trial.trial_id}"
 
 
 def close_stopped_run(mlf, run_id: str, epoch: int | None, planned: int) -> None:
@@ -138,9 +144,10 @@ class Progress(tune.Callback):
     clients, and never lets an MLflow error break Tune's loop (``run_sweep`` checks again)."""
 
     def __init__(self, n_trials: int, tracking_uri: str, job_id: str, experiment_id: str,
-                 parent_run_id: str | None = None) -> None:
+                 parent_run_id: str | None = None, stopper: str = "Tune") -> None:
         self.n_trials, self.tracking_uri, self.job_id, self.experiment_id = n_trials, tracking_uri, job_id, experiment_id
         self.parent_run_id = parent_run_id
+        self.stopper = stopper  # who stops trials early, for the log: "ASHA", or "Tune" (a stopper)
         self.done = 0
         self.reported_waiting: int | None = None
 
@@ -166,6 +173,9 @@ class Progress(tune.Callback):
 
     @staticmethod
     def _name(trial) -> str:
+        """The trial's name: a search's (``v2-t003``, Tune's trial name) or the grid point's."""
+        if getattr(trial, "custom_trial_name", None):
+            return trial.custom_trial_name
         try:
             return trial_name(trial.config)
         except Exception:  # noqa: BLE001 - a config that is no point of a grid
@@ -223,8 +233,8 @@ class Progress(tune.Callback):
             return
         epoch, planned = self._epochs(trial)
         if epoch is not None and epoch < planned:  # a stopper's or a scheduler's decision
-            print(f"[{self._name(trial)}] stopped by Tune after epoch {epoch}/{planned} ({self.done}/{self.n_trials} "
-                  f"trials done)", flush=True)
+            print(f"[{self._name(trial)}] stopped by {getattr(self, 'stopper', 'Tune')} at epoch {epoch}/{planned} "
+                  f"({self.done}/{self.n_trials} trials done)", flush=True)
             self._close([trial])
         else:
             print(f"[{self._name(trial)}] finished ({self.done}/{self.n_trials} trials done)", flush=True)
@@ -278,12 +288,15 @@ def build_tuner(spec, job: dict[str, Any], storage: str, gpus: float, *, resume:
                                   resume_errored=True, restart_errored=False)
     if resume:
         print(f"  nothing to restore in {experiment_path}; starting the sweep afresh", flush=True)
-    progress = Progress(len(spec.points()), job["tracking_uri"], job["job_id"], job["experiment_id"],
-                        job.get("parent_run_id"))
+    from jobs import search
+
+    progress = Progress(spec.trial_count(), job["tracking_uri"], job["job_id"], job["experiment_id"],
+                        job.get("parent_run_id"), stopper="ASHA" if spec.scheduler == "asha" else "Tune")
     return tune.Tuner(
         trainable, param_space=spec.param_space(job=job),
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent or None, reuse_actors=True,
-                                    trial_dirname_creator=_trial_dirname),
+        # The search (jobs.search): metric, mode, num_samples, search_alg, scheduler, trial names.
+        tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=_trial_dirname,
+                                    **search.tune_config_args(spec)),
         run_config=tune.RunConfig(
             name=job["job_id"], storage_path=storage, verbose=0, stop=stop,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -301,6 +314,11 @@ def _tune_environment() -> None:
     # A trial's error goes to the log once, from Progress (one line, then the traceback marked
     # for `logs --full`), not also as Tune's own ERROR record.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # Under a search (a TuneConfig metric) Tune fails the whole experiment on a result without the
+    # metric; a trial that returns without reporting this session (resumed with nothing left to
+    # train, finished already, diverged in its first epoch) ends with such a result. Its epochs are
+    # in MLflow, where the search's outcome is judged (jobs.search.best_trial).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
 def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ray_job_id: str | None = None,
@@ -330,7 +348,16 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
         print(f"mnistjobs sweep {job_id}: cancelled while it was queued; not started", flush=True)
         return 0
     sweep_run = open_sweep_run(mlf, spec, job_id, experiment_id, ray_job_id)
+    from mlflow.entities import RunTag
+
+    from jobs import search
+
+    mlf.log_batch(sweep_run.run_id, tags=[RunTag(k, v) for k, v in search.parent_tags(spec).items()])
     print(f"mnistjobs sweep {job_id}: {spec.summary()}", flush=True)
+    if search.is_search(spec):
+        from jobs.space import describe_space
+
+        print("  " + describe_space(spec.parsed_space()).replace("\n", "\n  "), flush=True)
     print(f"  MLflow: {tracking.run_url(tracking_uri, experiment_id, sweep_run.run_id)}", flush=True)
     print(f"  Tune storage: {storage}/{job_id}", flush=True)
 
@@ -378,8 +405,11 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     finish_summary(mlf, spec, job_id, experiment_id, sweep_run.run_id, trial_runs)
     mlf.set_tag(sweep_run.run_id, TAG_QUEUE_STATE, queue.ENDED)
     sweep_run.finish("FINISHED" if ok else "FAILED")
+    stopped = sum(r.data.tags.get(TAG_STOPPED_EARLY) == "true" for r in trial_runs)
     print(f"mnistjobs sweep {job_id}: {len(results)} trial{'s' if len(results) != 1 else ''}, {errors} failed, "
-          + (f"{diverged} diverged, " if diverged else "") + f"{time.perf_counter() - start:.1f} s", flush=True)
+          + (f"{diverged} diverged, " if diverged else "")
+          + (f"{stopped} stopped early by {'ASHA' if spec.scheduler == 'asha' else 'Tune'}, " if stopped else "")
+          + f"{time.perf_counter() - start:.1f} s", flush=True)
     return 0 if ok else 1
 
 
@@ -417,10 +447,13 @@ def finish_summary(mlf, spec, job_id: str, experiment_id: str, parent_run_id: st
 
     from jobs import mlflow_model as mm
 
+    from jobs import search
+
     try:
         metrics, best_run = summary_metrics(mlf, trial_runs)
         now = int(_time.time() * 1000)
-        tags = [RunTag(TAG_BEST_RUN, best_run)] if best_run else []
+        # A search's best run is its outcome's (jobs.search.log_outcome, below): by --metric/--mode.
+        tags = [RunTag(TAG_BEST_RUN, best_run)] if best_run and not search.is_search(spec) else []
         if metrics or tags:
             mlf.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=tags)
         if SUMMARY_FINAL in metrics:
@@ -430,6 +463,12 @@ def finish_summary(mlf, spec, job_id: str, experiment_id: str, parent_run_id: st
     except Exception as e:  # noqa: BLE001 - the trials' results are in MLflow either way
         print(f"  note: the sweep's summary was not logged to its parent run: {' '.join(str(e).split())[:300]}",
               flush=True)
+    if search.is_search(spec):
+        try:
+            search.log_outcome(mlf, spec, parent_run_id, trial_runs, log=lambda m: print(m, flush=True))
+        except Exception as e:  # noqa: BLE001 - the trials' results are in MLflow either way
+            print(f"  note: the search's outcome was not logged to its parent run: {' '.join(str(e).split())[:300]}",
+                  flush=True)
     if not getattr(spec, "register", True):
         print("  registry: not registered (--no-register / register: false)", flush=True)
         _set_tag_quietly(mlf, parent_run_id, TAG_REGISTERED, "off")

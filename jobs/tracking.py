@@ -114,7 +114,7 @@ class SweepRun:
     @classmethod
     def open(cls, mlf: "MlflowClient", experiment_id: str, job_id: str, spec: dict[str, Any],
              params: dict[str, Any] | None = None, ray_job_id: str | None = None,
-             status: str = "RUNNING") -> "SweepRun":
+             status: str = "RUNNING", tags: dict[str, str] | None = None) -> "SweepRun":
         """Find the job's parent run in the experiment ``experiment_id`` (queued by the job
         client, or a resumed job) and mark it ``status``, or create it with ``params`` and the
         spec as ``spec.json``. The experiment must exist: the job client creates it at submit
@@ -131,7 +131,7 @@ class SweepRun:
             found = cls(mlf, experiment_id, run.info.run_id, job_id)
             found.existing = run
             return found
-        tags = {TAG_JOB: job_id, TAG_ROLE: ROLE_SWEEP}
+        tags = {**(tags or {}), TAG_JOB: job_id, TAG_ROLE: ROLE_SWEEP}
         if ray_job_id:
             tags[TAG_RAY_JOB] = ray_job_id
         run_id = mlf.create_run(experiment_id, run_name=sweep_run_name(job_id), tags=tags).info.run_id
@@ -155,14 +155,17 @@ def open_sweep_run(mlf: "MlflowClient", spec, job_id: str, experiment_id: str, r
     """The job's parent run (found again when queued or resumed) with the sweep's params and the
     spec; the queue (``jobs.queue.enqueue``) creates it SCHEDULED, the driver marks it RUNNING."""
     params = {"models": spec.models, "schedules": ";".join(s for _, s in spec.schedule_labels()),
-              "seeds": spec.seed_list(), "trials": len(spec.points()), "epochs": spec.epochs,
+              "seeds": spec.seed_list(), "trials": spec.trial_count(), "epochs": spec.epochs,
               "batch_size": _or_recipe(spec.batch_size), "optimizer": _or_recipe(spec.optimizer),
               "augment": _or_recipe(spec.augment),
               "train_limit": spec.train_limit, "test_limit": spec.test_limit,
               "gpus_per_trial": spec.gpus_per_trial, "cpus_per_trial": spec.cpus_per_trial,
               "max_failures": spec.max_failures}
+    from jobs.search import parent_tags
+
+    # The search's tags from the start, so a queued job already says what it searches.
     return SweepRun.open(mlf, experiment_id, job_id, spec.to_dict(), params=params, ray_job_id=ray_job_id,
-                         status=status)
+                         status=status, tags=parent_tags(spec))
 
 
 # ------------------------------------------------------------------------------------- status

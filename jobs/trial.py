@@ -52,6 +52,12 @@ from jobs.contract import (LAYERS_ARTIFACT, TAG_DATA_DIR, TAG_DEVICE, TAG_DIVERG
 
 STATE_FILE = "mnistjobs_trial.json"  # in every checkpoint: the MLflow run id, the epoch
 STOPPED_WAIT_S = 20.0  # how long a stopped trial waits for MLflow (the driver closes its run anyway)
+#: How long Tune lets a stopped trial's thread finish before it reuses the worker for the next trial
+#: (Ray's TUNE_FUNCTION_THREAD_TIMEOUT_S, read by the worker, default 2 s). A trial ASHA stops at its
+#: last epoch logs its model and artifacts after the stop (several seconds); past the timeout Tune
+#: cannot reuse the worker and fails the NEXT trial ("Could not re-use actor", then its searcher
+#: waits for that trial forever under --max-concurrent).
+STOPPED_THREAD_TIMEOUT_S = 300
 
 # Module-level: one copy of MNIST per worker process, shared by the trials that process runs.
 _DATA_CACHE: dict[str, Any] = {}
@@ -197,17 +203,19 @@ def train_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from jobs import tracking
-    from jobs.grid import trial_config, trial_name
+    from jobs.grid import trial_config
     from mnistnets.train import Diverged
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # no line per checkpoint
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(STOPPED_THREAD_TIMEOUT_S))  # this worker's reuse
     _limit_threads()
     tracking.fail_fast_requests()  # TrialRun retries; MLflow's own retries would stall training
-    name, job, cfg = trial_name(config), config["job"], trial_config(config)
+    job, cfg = config["job"], trial_config(config)
     if job.get("home") and not os.environ.get("MNISTJOBS_HOME"):
         os.environ["MNISTJOBS_HOME"] = job["home"]  # the embedded MLflow's login is found there
     context = tune.get_context()
     trial_id = context.get_trial_id()
+    name = _trial_name(config, context)
     # fit()'s checkpoint folder, in the trial's local folder (under Ray's session dir, so a killed
     # trial leaves nothing in /tmp itself); what persists is what Tune copies to its storage.
     try:
@@ -258,6 +266,19 @@ def train_trial(config: dict[str, Any]) -> None:
     finally:
         stop_system_metrics(monitor)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _trial_name(config: dict[str, Any], context) -> str:
+    """The trial's name: a grid point's from its config (``v2-onecycle-s1``); a search's trial
+    (``v2-t003``) is named by Tune's trial counter (``jobs.search.TrialNamer``), read back here."""
+    from jobs.grid import NAMING_KEY, trial_name
+
+    if (config.get(NAMING_KEY) or {}).get("search"):
+        try:
+            return str(context.get_trial_name())
+        except Exception:  # noqa: BLE001 - outside a Tune session: the grid point's name and the trial id
+            return f"{trial_name(config)}-{context.get_trial_id()}"
+    return trial_name(config)
 
 
 def _start_run(run, cfg, resumed: dict[str, Any] | None) -> str:
@@ -325,7 +346,8 @@ def _end_stopped(run, work: Path, name: str, epoch: int, planned: int, *, cfg=No
     scheduler's loser, and neither registered nor verified."""
     try:
         tags = stopped_tags(epoch, planned)
-        print(f"[{name}] stopped by Tune after epoch {epoch}/{planned}", flush=True)
+        if tags:  # stopped at its last epoch (ASHA's last rung), it trained them all: the driver says "finished"
+            print(f"[{name}] stopped by Tune after epoch {epoch}/{planned}", flush=True)
         if tags:
             run.set_tags(tags)
         elif with_model and cfg is not None and data is not None:
