@@ -254,16 +254,17 @@ def _print_summary(config, results: list[dict], ckpt: Path) -> None:
                    "it), or Markdown pipe tables.")
 @click.option("--table", "which", type=click.Choice(["all", "epochs", "summary", "groups"]),
               default=None,
-              help="Which tables: the side-by-side epoch table, the per-run summary, the "
-                   "per-(model, schedule) seed statistics, or all of them (not with CSV, which "
-                   "holds one table)  [default: all; with --format csv: summary]")
+              help="Which tables: the side-by-side epoch table, the per-run summary (of a "
+                   "search job: its trials, best first), the per-(model, schedule) seed "
+                   "statistics, or all of them (not with CSV, which holds one table)  "
+                   "[default: all; with --format csv: summary]")
 @click.option("--target", type=float, default=99.4, show_default=True, metavar="PCT",
               help="Test accuracy (percent) for the summary's 'first epoch >=' column.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
               metavar="FILE", help="Write the tables to FILE instead of standard output.")
 @click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
-              metavar="PNG", help="Also write the train/test accuracy curves of all runs "
-                                  "to this PNG file.")
+              metavar="PNG", help="Also write a PNG file: the train/test accuracy curves of all "
+                                  "runs; for search jobs the metric against each searched setting.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI",
               help="MLflow tracking server (or sqlite:///... store). [env: MLFLOW_TRACKING_URI; "
                    "default: the embedded server of --home, as started by `mnistjobs up`]")
@@ -281,6 +282,16 @@ def compare(experiment, job, fmt, which, target, output, plot, tracking_uri, hom
       - mean/min/max final test accuracy over seeds, for each (model, schedule) with
         two or more finished runs (Runs; TTA Runs: how many have a TTA accuracy).
 
+    A search job (`submit --search random|optuna`) gets its own table instead of the
+    summary and seed statistics: one row per trial with a column per searched setting,
+    the search's --metric at the trial's last logged epoch, epochs trained and a status
+    (finished, "stopped at E" by ASHA, diverged, failed), sorted best first per --mode,
+    the job's best trial marked "best". --plot then draws, per searched setting, the
+    metric against the setting's value (a log axis for values spread over decades;
+    stopped trials as crosses, diverged as triangles). Several jobs: the grid jobs'
+    tables, then one table per search job (CSV, one table: pick one with --job);
+    --table epochs shows every run's epochs side by side, search trials included.
+
     CSV holds one table: the summary unless --table picks another (--table all is refused).
 
     \b
@@ -288,6 +299,7 @@ def compare(experiment, job, fmt, which, target, output, plot, tracking_uri, hom
       mnistjobs compare
       mnistjobs compare --job raysubmit_XXXX --format markdown -o results.md
       mnistjobs compare --table summary --format csv -o summary.csv --plot accuracy.png
+      mnistjobs compare --job SEARCH_JOB --plot search.png
     """
     from jobs import report, services
 
@@ -312,24 +324,50 @@ def compare(experiment, job, fmt, which, target, output, plot, tracking_uri, hom
         for path in (output, plot):  # a bad output folder fails before anything is read or written
             if path:
                 report.check_output_path(path)
-        runs, epochs = report.load_runs(tracking_uri, experiment=experiment, job=job)
-        text = report.render_report(_compare_tables(report, runs, epochs, which, target), fmt)
+        runs, epochs, searches = report.load_compare(tracking_uri, experiment=experiment, job=job)
+        tables = _compare_tables(report, runs, epochs, which, target, searches)
+        if fmt == "csv" and len(tables) > 1:
+            raise UsageFailure(_one_csv_table(tables, searches))
+        text = report.render_report(tables, fmt)
         if output:
             report.write_output(output, text)
             click.echo(f"Wrote {output}", err=True)
         else:
             click.echo(text, nl=False)
         if plot:
-            report.plot_accuracy(epochs, runs, plot, target=target)
-            click.echo(f"Wrote {plot}", err=True)
+            _compare_plot(report, runs, epochs, searches, plot, target)
     except report.ReportError as exc:
         raise UsageFailure(str(exc)) from None
     except OSError as exc:
         raise UsageFailure(f"Cannot write {exc.filename or 'the output'}: {exc.strerror}.") from None
 
 
-def _compare_tables(report, runs, epochs, which: str, target: float) -> dict:
-    """The tables `compare --table WHICH` prints, by title (the seed groups only when any)."""
+def _compare_tables(report, runs, epochs, which: str, target: float, searches=()) -> dict:
+    """The tables `compare --table WHICH` prints, by title (the seed groups only when any).
+
+    Without search jobs: the epoch table, the summary and the seed groups of every run. With
+    search jobs: those of the other (grid) jobs' runs, then one table per search job for "all"
+    and "summary"; "epochs" is the epoch table of every run, "groups" the grid runs' groups.
+    """
+    if not searches:
+        return _grid_tables(report, runs, epochs, which, target, groups_always=which == "groups")
+    searched = {rid for s in searches for rid in s.run_ids}
+    grid = ~runs["run_id"].isin(searched)
+    if which == "epochs":
+        return {"Side-by-side epoch table": report.epoch_table(epochs, runs)}
+    tables = {}
+    if grid.any() or which == "groups":
+        grid_runs = runs[grid].reset_index(drop=True)
+        grid_epochs = epochs[epochs["run_id"].isin(grid_runs["run_id"])].reset_index(drop=True)
+        tables.update(_grid_tables(report, grid_runs, grid_epochs, which, target,
+                                   groups_always=which == "groups"))
+    if which in ("all", "summary"):
+        for search in searches:
+            tables[_search_title(search, len(search.run_ids))] = report.search_table(runs, epochs, search)
+    return tables
+
+
+def _grid_tables(report, runs, epochs, which: str, target: float, groups_always: bool) -> dict:
     summary = report.summary_table(runs, epochs, target=target)
     tables = {}
     if which in ("all", "epochs"):
@@ -337,9 +375,37 @@ def _compare_tables(report, runs, epochs, which: str, target: float) -> dict:
     if which in ("all", "summary"):
         tables["Summary"] = summary
     groups = report.group_table(summary)
-    if which == "groups" or (which == "all" and len(groups)):
+    if groups_always or (which == "all" and len(groups)):
         tables["Final test accuracy over seeds"] = groups
     return tables
+
+
+def _search_title(search, trials: int) -> str:
+    best = "highest" if search.mode == "max" else "lowest"
+    return (f"Search job {search.job_id} ({search.search} search, {search.scheduler} scheduler, "
+            f"{trials} trials): {best} {search.metric} first")
+
+
+def _one_csv_table(tables: dict, searches) -> str:
+    jobs = ", ".join(s.job_id for s in searches)
+    return (f"CSV holds one table, but these runs give {len(tables)} ({'; '.join(tables)}): the "
+            "grid jobs' summary and one table per search job. Pick one job with --job JOB (search "
+            f"jobs here: {jobs}), or use --format table or markdown for all of them.")
+
+
+def _compare_plot(report, runs, epochs, searches, plot: str, target: float) -> None:
+    """--plot: the accuracy curves of a grid job's runs; for search jobs the metric against
+    each searched setting (then the grid jobs' runs, if any, are left out and it says so)."""
+    if not searches:
+        report.plot_accuracy(epochs, runs, plot, target=target)
+        click.echo(f"Wrote {plot}", err=True)
+        return
+    report.plot_search(runs, epochs, searches, plot)
+    searched = {rid for s in searches for rid in s.run_ids}
+    others = int((~runs["run_id"].isin(searched)).sum())
+    note = (f" (the search jobs only; the other {others} runs' accuracy curves: --plot with --job "
+            "JOB of their job)" if others else "")
+    click.echo(f"Wrote {plot}{note}", err=True)
 
 
 # ------------------------------------------------------------------------- the embedded services

@@ -21,7 +21,8 @@ FORMATS = ("table", "csv", "markdown")
 
 def _cell(column: str, value, fmt: str) -> str:
     """One value as text: accuracy 2 decimals (+ "%" outside CSV), Params with thousands
-    separators outside CSV, seconds 1 decimal, missing "-" (empty in CSV)."""
+    separators outside CSV, seconds 1 decimal, other numbers (a search's lr, weight decay, ...)
+    4 significant digits outside CSV and in full in CSV, missing "-" (empty in CSV)."""
     text_fmt = fmt != "csv"
     if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
         return "-" if text_fmt else ""
@@ -34,7 +35,7 @@ def _cell(column: str, value, fmt: str) -> str:
             return f"{float(value):.1f}"
         if isinstance(value, numbers.Integral):
             return f"{int(value):,}" if column == "Params" and text_fmt else str(int(value))
-        return f"{float(value):g}"
+        return f"{float(value):.4g}" if text_fmt else repr(float(value))
     return str(value)
 
 
