@@ -396,9 +396,9 @@ def test_sigkill_trial_worker_mid_epoch(cluster, data, tmp_path):
     """SIGKILL the trial's worker process during epoch 2: Tune retries it from epoch 1's
     checkpoint; the same MLflow run gets each epoch once and FINISHED; the final weights equal an
     uninterrupted run's."""
-    rec, _ = cluster
+    rec, storage = cluster
     epochs = 3
-    job = _submit(rec, data, "--models", "v0", "--epochs", epochs, "--batch-size", 16, "--train-limit", 1024,
+    job = _submit(rec, data, "--models", "v0", "--epochs", epochs, "--batch-size", 8, "--train-limit", 1024,
                   "--test-limit", 256, "--max-failures", 2, experiment="faults-sigkill")
     mlf = mlflow(rec)
 
@@ -409,7 +409,13 @@ def test_sigkill_trial_worker_mid_epoch(cluster, data, tmp_path):
     run = wait_for(first_epoch_logged, 240, 0.1, what="epoch 1 in MLflow")
     run_id = run.info.run_id
     epoch1 = mlf.get_metric_history(run_id, "epoch_seconds")[0]
-    time.sleep(max(0.3, 0.4 * epoch1.value))  # well inside epoch 2
+    # Inside epoch 2: once epoch 1's checkpoint is in Tune's storage (so the retry has it), and
+    # 0.5 s after epoch 1 was logged (the trial's clock at its end; the test sees it in MLflow a
+    # little later, which must not count). Epoch 2 takes 1.3-2.2 s here (epoch 1 more: warm-up),
+    # so a kill timed from epoch 1's length could land after epoch 2 under load.
+    wait_for(lambda: list((storage / job).glob("*/checkpoint_000000/last.pt")), 60, 0.05,
+             what="epoch 1's checkpoint in Tune's storage")
+    time.sleep(max(0.0, epoch1.timestamp / 1000 + 0.5 - time.time()))
     (pid,) = trial_worker_pids(rec)
     killed_at = time.time()
     into_epoch = killed_at - epoch1.timestamp / 1000
