@@ -233,7 +233,7 @@ class Progress(tune.Callback):
             return
         epoch, planned = self._epochs(trial)
         if epoch is not None and epoch < planned:  # a stopper's or a scheduler's decision
-            print(f"[{self._name(trial)}] stopped by {getattr(self, 'stopper', 'Tune')} at epoch {epoch}/{planned} "
+            print(f"[{self._name(trial)}] stopped by {getattr(self, 'stopper', 'Tune')} after epoch {epoch}/{planned} "
                   f"({self.done}/{self.n_trials} trials done)", flush=True)
             self._close([trial])
         else:

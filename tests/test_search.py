@@ -285,7 +285,7 @@ def test_random_search_with_asha(embedded, synthetic_dir):
         if name in stopped:
             at = int(run.data.tags[TAG_STOPPED_AT])
             assert 1 <= at < 4 and _steps(mlf, run.info.run_id) == list(range(1, at + 1)), name
-            assert f"[{name}] stopped by ASHA at epoch {at}/4" in result.output
+            assert f"[{name}] stopped by ASHA after epoch {at}/4" in result.output
         else:
             assert TAG_STOPPED_EARLY not in run.data.tags and _steps(mlf, run.info.run_id) == [1, 2, 3, 4], name
     assert "0 failed" in result.output and "SUCCEEDED" in result.output
