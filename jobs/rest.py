@@ -38,7 +38,7 @@ import urllib.request
 from typing import Any
 
 from jobs.client import JobUsageError
-from jobs.contract import ROLE_TRIAL, TAG_DEVICE, TAG_DIVERGED, TAG_NODE
+from jobs.contract import ROLE_TRIAL
 
 TIMEOUT_S = 30.0
 PAGE_SIZE = 1000
@@ -314,28 +314,11 @@ def end_job_runs(mlf, job_id: str, status: str = "KILLED", experiment_ids: list[
 
 
 def trial_rows(mlf, job_id: str) -> list[dict[str, Any]]:
-    """``jobs.tracking.trial_rows`` (the trial table of `status JOB`) for either client; the
-    same rows, from the same run search and metric history."""
-    if not is_lite(mlf):
-        from jobs import tracking
+    """``jobs.tracking.trial_rows`` (the trial table of `status JOB`) for either client: the same
+    rows, built by that function from this module's run search."""
+    from jobs import tracking
 
-        return tracking.trial_rows(mlf, job_id)
-    from jobs.mlflow_runs import metric_history
-
-    rows = []
-    for run in job_runs(mlf, job_id, role=ROLE_TRIAL):
-        try:
-            history = metric_history(mlf, run.info.run_id, ["test_acc"])["test_acc"]
-        except Exception:  # noqa: BLE001 - the table is informative only
-            history = []
-        rows.append({"name": run.info.run_name, "status": run.info.status,
-                     "epochs": run.data.params.get("epochs"), "test_acc": run.data.metrics.get("test_acc"),
-                     "best_acc": max((value for _, value in history), default=None),
-                     "epoch": max((step for step, _ in history), default=0), "run_id": run.info.run_id,
-                     "experiment_id": run.info.experiment_id, "node": run.data.tags.get(TAG_NODE),
-                     "device": run.data.tags.get(TAG_DEVICE),
-                     "diverged": run.data.tags.get(TAG_DIVERGED) == "true"})
-    return sorted(rows, key=lambda r: r["name"] or "")
+    return tracking.trial_rows(mlf, job_id, runs=job_runs(mlf, job_id, role=ROLE_TRIAL))
 
 
 __all__ = ["RayJobs", "RayJob", "MlflowRest", "AuthRefused", "HttpFailure", "is_lite", "mlflow_reader",

@@ -170,10 +170,12 @@ def open_sweep_run(mlf: "MlflowClient", spec, job_id: str, experiment_id: str, r
 
 # ------------------------------------------------------------------------------------- status
 
-def trial_rows(mlf: "MlflowClient", job_id: str) -> list[dict[str, Any]]:
-    """For `status JOB`: one dict per trial run (name, status, epoch, epochs, test_acc, best_acc)."""
+def trial_rows(mlf: "MlflowClient", job_id: str, runs: list | None = None) -> list[dict[str, Any]]:
+    """For `status JOB`: one dict per trial run (name, status, epoch, epochs, test_acc, best_acc).
+    ``runs``: the job's trial runs, when the caller found them itself (``jobs.rest.trial_rows``,
+    whose plain-HTTP client has the same run fields and metric history)."""
     rows = []
-    for run in job_runs(mlf, job_id, role=ROLE_TRIAL):
+    for run in (job_runs(mlf, job_id, role=ROLE_TRIAL) if runs is None else runs):
         try:
             history = metric_history(mlf, run.info.run_id, ["test_acc"])["test_acc"]
         except Exception:  # pragma: no cover - the table is informative only
