@@ -124,10 +124,28 @@ class WorkerThreads(threading.Thread):
         return out
 
 
-def footprint(rec, seconds: float = 60.0) -> dict:
+def _process_kind(cmdline: str) -> str:
+    """A short name for one process of the service set (what the footprint's rows are)."""
+    import re
+
+    for pattern, kind in ((r"uvicorn|gunicorn|huey", "mlflow server"), (r"-m mlflow server", "mlflow launcher"),
+                          (r"QueueActor|mnistjobs-queue", "queue admitter"), (r"ray-dashboard-(\w+)", "dashboard {}"),
+                          (r"ray::(\w+)", "ray::{}"), (r"dashboard/dashboard\.py", "dashboard head"),
+                          (r"log_monitor\.py", "log_monitor"), (r"raylet/raylet", "raylet"),
+                          (r"gcs_server", "gcs_server"),
+                          (r"ray\.util\.client\.server", "ray client server"),
+                          (r"autoscaler/_private/monitor\.py", "autoscaler monitor"),
+                          (r"multiprocessing\.(forkserver|resource_tracker)", "multiprocessing helper")):
+        m = re.search(pattern, cmdline)
+        if m:
+            return kind.format(*m.groups()) if m.groups() else kind
+    return "ray " + (cmdline.split()[0].split("/")[-1] if cmdline else "?")
+
+
+def footprint(rec, seconds: float = 60.0, top: int = 12) -> dict:
     """The idle service set's cost (psutil): CPU (user + system seconds of every process of the
     set over ``seconds``, as % of one core) and memory (proportional set size, so pages shared
-    between processes count once), per process kind."""
+    between processes count once), per process kind, and the ``top`` processes by CPU."""
     import psutil
 
     from jobs import services
@@ -139,7 +157,7 @@ def footprint(rec, seconds: float = 60.0) -> dict:
                 p = psutil.Process(pid)
                 with p.oneshot():
                     t = p.cpu_times()
-                    name = " ".join(p.cmdline()[:3])[:70] or p.name()
+                    name = " ".join(p.cmdline()).strip()[:300] or p.name()
                     out[pid] = (name, t.user + t.system, p.memory_full_info().pss)
             except (psutil.Error, OSError):
                 continue
@@ -150,16 +168,23 @@ def footprint(rec, seconds: float = 60.0) -> dict:
     time.sleep(seconds)
     b = snapshot()
     wall = time.perf_counter() - t0
-    cpu = sum(b[p][1] - a.get(p, (None, 0.0))[1] for p in b)  # processes that ended count no more
-    kinds: dict[str, list[float]] = {}
-    for name, _, pss in b.values():
-        kind = ("mlflow" if "mlflow" in name or "gunicorn" in name or "uvicorn" in name or "huey" in name
-                else "queue admitter" if "QueueActor" in name or "mnistjobs-queue" in name
-                else "ray " + (name.split()[0].split("/")[-1] if name else "?"))
-        kinds.setdefault(kind, []).append(pss)
-    return {"seconds": wall, "cpu_percent_of_one_core": 100.0 * cpu / wall,
+    # A process that started during the window counts from its start; one that ended counts no more.
+    used = {p: b[p][1] - a.get(p, (None, 0.0, 0))[1] for p in b}
+    kinds: dict[str, dict[str, float]] = {}
+    procs = []
+    for pid, (name, _, pss) in b.items():
+        kind = _process_kind(name)
+        k = kinds.setdefault(kind, {"n": 0, "pss_gb": 0.0, "cpu_percent": 0.0})
+        k["n"] += 1
+        k["pss_gb"] += pss / 1e9
+        k["cpu_percent"] += 100.0 * used[pid] / wall
+        procs.append({"pid": pid, "kind": kind, "cpu_percent": 100.0 * used[pid] / wall, "pss_gb": pss / 1e9,
+                      "command": name[:120]})
+    procs.sort(key=lambda r: -r["cpu_percent"])
+    return {"seconds": wall, "cpu_percent_of_one_core": 100.0 * sum(used.values()) / wall,
             "pss_total_gb": sum(x[2] for x in b.values()) / 1e9, "processes": len(b),
-            "by_kind": {k: {"n": len(v), "pss_gb": sum(v) / 1e9} for k, v in sorted(kinds.items())}}
+            "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["cpu_percent"])),
+            "top_cpu": procs[:top]}
 
 
 def cli_latency(base: list[str], home: Path, job: str, env: dict, runs: int = 3) -> dict[str, list[float]]:
@@ -329,7 +354,11 @@ def report(args, spec, svc: dict | None, bare: dict | None) -> None:
               f"{f['cpu_percent_of_one_core']:.1f}% of one core, {f['pss_total_gb']:.2f} GB (PSS)   "
               f"(goals: <= 2% and <= 1.5 GB)")
         for kind, v in f["by_kind"].items():
-            print(f"             {kind:<28} {v['n']:>2} process(es)  {v['pss_gb']:.3f} GB")
+            print(f"             {kind:<28} {v['n']:>2} process(es)  {v['pss_gb']:.3f} GB  "
+                  f"{v.get('cpu_percent', 0.0):5.2f}% CPU")
+        print("           the busiest processes (% of one core over the window):")
+        for r in f.get("top_cpu", []):
+            print(f"             {r['cpu_percent']:5.2f}%  {r['kind']:<28} pid {r['pid']:<7} {r['pss_gb']:.3f} GB")
         print("  CLI, whole processes on the idle services (s, each run; goal <= 1 s): "
               + "; ".join(f"{k} {' '.join(f'{t:.2f}' for t in v)}" for k, v in svc["cli"].items()))
     if bare:

@@ -160,13 +160,18 @@ def _await_start(client, cluster, job_id, ray_job_id) -> None:
 
 
 def _wait(client, cluster, ray_job_id, job_id=None) -> None:
-    """Follow the job to its end, print its trials; exit 1 unless it SUCCEEDED."""
+    """Follow the job to its end, print its trials; exit 1 unless it SUCCEEDED.
+
+    It follows the log until the Ray job has ended, not only until the driver closed the parent
+    run: the trials' own lines (``(train_trial pid=...) [v2-...] model logged``) reach the driver's
+    log through Ray's log forwarding and may arrive after the driver's last line. The trials table
+    is then read over plain HTTP (no MLflow import)."""
     from jobs import client as jc
 
     _await_start(client, cluster, job_id or ray_job_id, ray_job_id)
     info = _follow(client, cluster, ray_job_id)
-    rows, _ = jc.trials(cluster, info)
-    table = _trial_table(cluster, info)
+    rows, _ = jc.trials(cluster, info, lite=True)
+    table = _trial_table(cluster, info, lite=True)
     if table:
         click.echo(table)
     status = jc.status_of(info)
@@ -458,10 +463,10 @@ def status_cmd(job, address, tracking_uri, home):
         return
     info = view.info
     meta = info.metadata or {}
-    state = jc.status_of(info)
+    state = view.state
     click.echo(f"Job {job}: {state}  (submitted {_when(info.start_time)}, {_duration(info)})"
                + (f"  {meta[jc.META_SUMMARY]}" if jc.META_SUMMARY in meta else ""))
-    if info.message and state != "RUNNING":
+    if info.message and jc.status_of(info) != "RUNNING":
         click.echo(f"  {info.message}")
     _echo_links(cluster, info)
     table = _trial_table(cluster, info, lite=rest.is_lite(client))
@@ -628,6 +633,7 @@ def priority_cmd(job, priority, address, tracking_uri, home):
     cluster, client = _connect(address, tracking_uri, home, start=False)
     with service_errors():
         entry = queue.set_priority(jc._mlflow(client, cluster), job, priority)
+        jc.wake_admitter(cluster)
     click.echo(f"Job {job}: priority {priority}; now place {entry.place} in the queue.")
 
 

@@ -200,8 +200,19 @@ def submit(client: "JobSubmissionClient", cluster: "Cluster", spec: "SweepSpec",
     queue.ensure(client, cluster)
     experiment_id = tracking.get_or_create_experiment(mlf, spec.experiment)
     queue.enqueue(mlf, spec, job_id, experiment_id, priority=int(getattr(spec, "priority", 0) or 0))
+    wake_admitter(cluster)
     where = queue.place_of(mlf, job_id) or (None, None)
     return {"job_id": job_id, "place": where[0], "length": where[1]}
+
+
+def wake_admitter(cluster: "Cluster") -> None:
+    """On the embedded cluster, wake the queue's admitter so that it looks at the queue now, not at
+    its next poll (jobs.queue.wake; a client elsewhere cannot, and the job waits for that poll)."""
+    from jobs import queue
+
+    services = getattr(cluster, "services", None)
+    if cluster.embedded and services is not None:
+        queue.wake(services.home)
 
 
 def stored_spec(info: "JobDetails") -> "SweepSpec":
@@ -254,6 +265,7 @@ def resume(client: "JobSubmissionClient", cluster: "Cluster", job_id: str) -> tu
         time.sleep(3 * queue.POLL_S)
         view.run = view.mlf.get_run(view.run.info.run_id)
     queue.requeue(view.mlf, view.run, f"{logical}-r{n}")
+    wake_admitter(cluster)
     return f"{logical}-r{n}", spec
 
 
@@ -288,10 +300,22 @@ class JobView:
         if self.entry is not None and self.entry.queued:
             return "QUEUED"
         if self.info is not None:
-            return status_of(self.info)
+            ray_state = status_of(self.info)
+            if ray_state == "RUNNING" and self.closed_finished():
+                return "SUCCEEDED"  # the driver closed the job and is exiting (what `--wait` returns on)
+            return ray_state
         if self.run is not None:
             return queue.user_state(self.run)
         return "UNKNOWN"
+
+    def closed_finished(self) -> bool:
+        """Whether this Ray job's driver closed the parent run FINISHED (the job's last act)."""
+        from jobs import queue
+
+        run = self.run
+        return (run is not None and self.info is not None and run.info.status == "FINISHED"
+                and run.data.tags.get(queue.TAG_QUEUE_STATE) == queue.ENDED
+                and run.data.tags.get(TAG_RAY_JOB) == self.info.submission_id)
 
     @property
     def ray_job_id(self) -> str | None:
@@ -446,22 +470,39 @@ def cancel(client: "JobSubmissionClient", cluster: "Cluster", job_id: str, *,
 TRACE_PREFIX = "  | "
 
 
+class LineFilter:
+    """The log's text without the traceback lines (unless ``full``), fed a chunk at a time:
+    whole lines, so a prefix split across two chunks is still recognised."""
+
+    def __init__(self, full: bool = False) -> None:
+        self.full, self.pending = full, ""
+
+    def feed(self, chunk: str) -> str:
+        if self.full:
+            return chunk
+        self.pending += chunk
+        lines = self.pending.split("\n")
+        self.pending = lines.pop()
+        kept = [line for line in lines if not _hidden(line)]
+        return "\n".join(kept) + "\n" if kept else ""
+
+    def close(self) -> str:
+        """What is left: a last line without a newline."""
+        rest, self.pending = self.pending, ""
+        return rest if rest and not self.full and not _hidden(rest) else ""
+
+
 def readable(chunks, full: bool = False) -> Iterator[str]:
     """The log's text as it arrives, without the traceback lines (unless ``full``): whole lines,
     so a prefix split across two chunks is still recognised."""
-    if full:
-        yield from chunks
-        return
-    pending = ""
+    lines = LineFilter(full)
     for chunk in chunks:
-        pending += chunk
-        lines = pending.split("\n")
-        pending = lines.pop()
-        kept = [line for line in lines if not _hidden(line)]
-        if kept:
-            yield "\n".join(kept) + "\n"
-    if pending and not _hidden(pending):
-        yield pending
+        text = lines.feed(chunk)
+        if text:
+            yield text
+    rest = lines.close()
+    if rest:
+        yield rest
 
 
 def _hidden(line: str) -> bool:

@@ -361,7 +361,7 @@ def register_best(mlf_or_tracking_uri, experiment_id: str | None = None, *, job_
         tags = {TAG_JOB: chosen.data.tags.get(RUN_TAG_JOB, ""), TAG_RUN: chosen.info.run_id,
                 TAG_FINAL: f"{final:.4f}", TAG_RECIPE: recipe_of(chosen.data.params), TAG_MODEL: model}
         version = mlf.create_model_version(name, source=f"models:/{model_id}", run_id=chosen.info.run_id,
-                                           tags=tags, model_id=model_id)
+                                           tags=tags, model_id=model_id, await_creation_for=0)
         _wait_ready(mlf, name, version)
         top = set_best_alias(mlf, name, alias)
         results.append({"model": model, "name": name, "version": version.version, "run_id": chosen.info.run_id,
@@ -372,7 +372,8 @@ def register_best(mlf_or_tracking_uri, experiment_id: str | None = None, *, job_
 
 
 def _wait_ready(mlf, name: str, version, timeout: float = 60.0) -> None:
-    """create_model_version returns once READY on MLflow's own stores; poll anyway for others."""
+    """create_model_version (asked not to wait, which would log a line of its own) returns once
+    READY on MLflow's own stores; poll anyway for others."""
     deadline = time.monotonic() + timeout
     while getattr(version, "status", "READY") not in ("READY", "FAILED_REGISTRATION") \
             and time.monotonic() < deadline:

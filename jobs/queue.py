@@ -9,10 +9,14 @@ Ray's and MLflow's parts:
   the submission time and who submitted, the Ray submission id to use next, and, while it runs,
   the driver's count of trials not yet started. The MLflow UI shows the queue too.
 - **The admitter** (:class:`Admitter`) runs on the cluster as a detached Ray actor named
-  ``mnistjobs-queue`` (namespace ``mnistjobs``; restarted by Ray if its process dies). About once
-  a second it reads the queue and starts at most one job through Ray's job API. `mnistjobs up`
-  and `submit` start it when it is missing (:func:`ensure`), through a short Ray job
-  (``python -m jobs.queue start``) since a client may only reach the dashboard's HTTP API.
+  ``mnistjobs-queue`` (namespace ``mnistjobs``; restarted by Ray if its process dies). It reads the
+  queue and starts at most one job through Ray's job API: once a second while jobs are queued or
+  admitted (one MLflow request a look, two every ten seconds), every ten seconds while the queue
+  is empty (two MLflow requests a look), and at once when woken: it waits on a UDP socket on
+  127.0.0.1 whose port it writes to ``<home>/queue_wake_port``, and :func:`wake` (called by the
+  CLI after it changed the queue) sends it one datagram. `mnistjobs up` and `submit` start it
+  when it is missing (:func:`ensure`), through a short Ray job (``python -m jobs.queue start``)
+  since a client may only reach the dashboard's HTTP API.
 
 The order (:func:`run_order`): jobs already admitted keep their place, in the order they were
 admitted (no preemption), then the queued ones by priority (higher first), submission time, id.
@@ -37,6 +41,7 @@ import datetime as _dt
 import getpass
 import json
 import os
+import select
 import socket
 import sys
 import tempfile
@@ -60,7 +65,9 @@ ACTOR_NAME = "mnistjobs-queue"
 NAMESPACE = "mnistjobs"
 META_ROLE = "mnistjobs.role"
 ROLE_QUEUE = "queue"            # the metadata role of the short Ray jobs that start the admitter
-POLL_S = 1.0                    # how often the admitter reads the queue
+POLL_S = 1.0                    # how often the admitter reads the queue while it holds jobs
+IDLE_POLL_S = 10.0              # ... and while it is empty (a wake-up makes it look at once)
+EXPERIMENTS_TTL_S = IDLE_POLL_S # how long a busy admitter trusts its list of experiments
 QUEUED, ADMITTED, CANCELLED, ENDED = "queued", "admitted", "cancelled", "ended"
 ACTIVE_STATUSES = ("SCHEDULED", "RUNNING")
 MAX_START_FAILURES = 3          # Ray refusing a job this many times in a row fails it
@@ -154,12 +161,13 @@ def _experiments(mlf: "MlflowClient") -> dict[str, str]:
     return experiments(mlf)
 
 
-def read(mlf: "MlflowClient") -> list[Entry]:
+def read(mlf: "MlflowClient", names: dict[str, str] | None = None) -> list[Entry]:
     """The queue: every queued or admitted job of every active experiment, in run order. ``mlf``:
-    MLflow's client or the CLI's plain-HTTP one (jobs.rest.MlflowRest)."""
+    MLflow's client or the CLI's plain-HTTP one (jobs.rest.MlflowRest); ``names``: the active
+    experiments ({id: name}) when the caller knows them (one MLflow request fewer)."""
     from jobs.rest import search_all
 
-    names = _experiments(mlf)
+    names = _experiments(mlf) if names is None else names
     if not names:
         return []
     flt = (f"tags.`{TAG_ROLE}` = '{ROLE_SWEEP}' and attributes.status != 'FINISHED' "
@@ -286,6 +294,23 @@ class Admitter:
                  log: Callable[[str], None] = print) -> None:
         self.mlf, self.client, self.cluster, self.home, self.log = mlf, client, cluster, home, log
         self.failures: dict[str, int] = {}
+        self.busy = False           # whether the last look found jobs queued or admitted
+        self.ticks = 0              # looks taken by run_forever
+        self.waker: Waker | None = None
+        self._names: dict[str, str] | None = None  # the active experiments, as last read
+        self._names_at = 0.0
+
+    def _experiment_names(self, fresh: bool) -> dict[str, str]:
+        """The active experiments: read again when ``fresh`` (the first look, a wake-up, after an
+        error), while the queue is empty (those looks are ten seconds apart), when nobody can wake
+        this admitter (no state folder: a client elsewhere may have made a new experiment), or
+        after EXPERIMENTS_TTL_S; else (the 1 s looks while jobs wait) the list of the last read. So
+        a job queued in a new experiment without a wake-up waits at most about ten seconds."""
+        now = time.monotonic()
+        if (fresh or not self.busy or self._names is None or self.home is None
+                or now - self._names_at >= EXPERIMENTS_TTL_S):
+            self._names, self._names_at = _experiments(self.mlf), now
+        return self._names
 
     def _ray_job(self, ray_job_id: str | None):
         """The Ray job's info; None when the cluster has no such job (its head was replaced)."""
@@ -300,12 +325,14 @@ class Admitter:
                 return None
             raise
 
-    def tick(self) -> str | None:
+    def tick(self, fresh: bool = True) -> str | None:
         """One look at the queue: close what ended, start at most one job. Returns the Ray
-        submission id started, or None."""
+        submission id started, or None. ``fresh``: read the list of experiments again (else the
+        one of an earlier look may do, see _experiment_names)."""
         from jobs.client import status_of
 
-        order = read(self.mlf)
+        order = read(self.mlf, self._experiment_names(fresh))
+        self.busy = bool(order)
         live: dict[str, bool] = {}
         for e in order:
             if e.queued:
@@ -409,14 +436,119 @@ class Admitter:
         with tempfile.TemporaryDirectory() as tmp:
             return Path(self.mlf.download_artifacts(run_id, SPEC_ARTIFACT, tmp)).read_text()
 
-    def run_forever(self, stop: threading.Event | None = None, interval: float = POLL_S) -> None:
-        stop = stop or threading.Event()
-        while not stop.is_set():
+    def listen(self) -> "Waker | None":
+        """Bind the wake-up socket (once) and write its port to ``<home>/queue_wake_port`` (with
+        a state folder); None when no socket could be bound (the loop then only polls)."""
+        if self.waker is None:
             try:
-                self.tick()
-            except Exception as exc:  # noqa: BLE001 - MLflow or the dashboard away: try again
-                self.log(f"queue: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-            stop.wait(interval)
+                self.waker = Waker()
+            except OSError as exc:
+                self.log(f"queue: no wake-up socket ({exc}); polling only")
+                return None
+            if self.home:
+                try:
+                    from jobs.state import wake_port_path
+                    from mnistnets.files import write_atomic
+
+                    write_atomic(wake_port_path(self.home), f"{self.waker.port}\n", mode=0o600)
+                except OSError as exc:
+                    self.log(f"queue: cannot write the wake-up port into {self.home}: {exc}")
+        return self.waker
+
+    def _unlisten(self) -> None:
+        waker, self.waker = self.waker, None
+        if waker is None:
+            return
+        if self.home:
+            from jobs.state import wake_port_path
+
+            path = wake_port_path(self.home)
+            try:
+                if path.read_text().strip() == str(waker.port):
+                    path.unlink()
+            except OSError:
+                pass
+        waker.close()
+
+    def run_forever(self, stop: threading.Event | None = None, interval: float = POLL_S,
+                    idle_interval: float = IDLE_POLL_S) -> None:
+        """Look at the queue every ``interval`` s while it holds jobs, every ``idle_interval`` s
+        while it is empty, and at once when woken (:func:`wake`). ``stop``: set it, then wake the
+        loop, to end it."""
+        stop = stop or threading.Event()
+        waker, fresh = self.listen(), True
+        try:
+            while not stop.is_set():
+                try:
+                    self.tick(fresh=fresh)
+                except Exception as exc:  # noqa: BLE001 - MLflow or the dashboard away: try again
+                    self._names = None
+                    self.busy = True  # look again soon
+                    self.log(f"queue: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+                self.ticks += 1
+                if stop.is_set():
+                    break
+                timeout = interval if self.busy else idle_interval
+                if waker is not None:
+                    fresh = waker.wait(timeout)
+                else:
+                    stop.wait(timeout)
+                    fresh = False
+        finally:
+            self._unlisten()
+
+
+class Waker:
+    """A UDP socket on 127.0.0.1 (a port the OS picks) the admitter waits on between its looks."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.port: int = self.sock.getsockname()[1]
+
+    def wait(self, timeout: float) -> bool:
+        """Up to ``timeout`` s until a datagram comes; True when one came (all waiting are read)."""
+        try:
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        except (OSError, ValueError):  # closed meanwhile
+            time.sleep(min(timeout, POLL_S))
+            return False
+        if not ready:
+            return False
+        for _ in range(1000):
+            try:
+                self.sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wake(home: str | os.PathLike | None = None) -> None:
+    """Wake the admitter of the state folder ``home`` (None: $MNISTJOBS_HOME or ./.mnistjobs), so
+    that it looks at the queue now instead of at its next poll: one datagram to the port in
+    ``<home>/queue_wake_port``. Never raises, never blocks; no such file (no admitter, or one on
+    another machine) is a no-op."""
+    try:
+        from jobs.state import resolve_home, wake_port_path
+
+        port = int(wake_port_path(resolve_home(home)).read_text().strip())
+        if not 0 < port < 65536:
+            return
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(b"wake", ("127.0.0.1", port))
+    except Exception:  # noqa: BLE001 - waking is a courtesy: the admitter polls anyway
+        pass
 
 
 class QueueActor:
@@ -431,12 +563,15 @@ class QueueActor:
         self.admitter = Admitter(tracking.client(tracking_uri), job_client(cluster), cluster, home=home,
                                  log=lambda m: print(f"{_dt.datetime.now():%H:%M:%S} {m}", flush=True))
         self.started = time.time()
+        self.admitter.listen()  # the wake-up port is written before the actor counts as created
         self.thread = threading.Thread(target=self.admitter.run_forever, name="mnistjobs-queue", daemon=True)
         self.thread.start()
 
     def info(self) -> dict[str, Any]:
+        waker = self.admitter.waker
         return {"tracking_uri": self.tracking_uri, "dashboard_url": self.dashboard_url,
-                "alive": self.thread.is_alive(), "since": self.started}
+                "alive": self.thread.is_alive(), "since": self.started, "ticks": self.admitter.ticks,
+                "wake_port": waker.port if waker is not None else None}
 
 
 # ------------------------------------------------------------------------- starting the admitter

@@ -12,6 +12,8 @@
     <home>/ray_results/         Tune's storage: experiment state and trial checkpoints
     <home>/data/mnist/          MNIST, downloaded once (jobs.datadir)
     <home>/logs/                the servers' own output
+    <home>/queue_wake_port      the UDP port (on 127.0.0.1) the queue's admitter waits on between
+                                its looks; `jobs.queue.wake` sends it a datagram (jobs.queue)
 
 Ray's session folder (its Unix sockets, whose paths must stay under 107 bytes) is the exception:
 it lives in a short folder under /tmp named after the state folder (``ray_temp_dir``).
@@ -31,6 +33,7 @@ DEFAULT_HOME = "./.mnistjobs"
 TOKEN_NAME = "ray_auth_token"
 MLFLOW_PASSWORD_NAME = "mlflow_password"
 MLFLOW_USER = "admin"  # the embedded MLflow server's one user, its admin
+WAKE_PORT_NAME = "queue_wake_port"
 
 
 class StateError(RuntimeError):
@@ -91,6 +94,11 @@ def read_secret(path: str | os.PathLike | None) -> str | None:
 
 def mlflow_password_path(home: str | os.PathLike) -> Path:
     return Path(home) / MLFLOW_PASSWORD_NAME
+
+
+def wake_port_path(home: str | os.PathLike) -> Path:
+    """The file holding the admitter's wake-up port (jobs.queue.wake)."""
+    return Path(home) / WAKE_PORT_NAME
 
 
 def ensure_mlflow_password(home: str | os.PathLike) -> Path:

@@ -41,7 +41,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray import tune
+from jobs.trial import process_started_at, startup_mark
+
+startup_mark("driver process started", process_started_at())
+startup_mark("driver: jobs.sweep imported")
+from ray import tune  # noqa: E402
+
+startup_mark("driver: ray.tune imported")
 
 from jobs.contract import (ROLE_TRIAL, SUMMARY_BEST, SUMMARY_FINAL, TAG_BEST_RUN, TAG_DIVERGED, TAG_DIVERGED_REASON,
                            TAG_HELD, TAG_QUEUE_STATE, TAG_REGISTERED, TAG_STOPPED_EARLY, TAG_TRIAL, TAG_WAITING_TRIALS)
@@ -203,6 +209,9 @@ class Progress(tune.Callback):
             print(f"  note: could not close the MLflow run of a stopped trial: {' '.join(str(e).split())[:200]}",
                   flush=True)
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        startup_mark(f"driver: Tune started trial {self._name(trial)}")
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         print(f"[{self._name(trial)}] epoch {result.get('epoch')}/{self._epochs(trial)[1]}  "
               f"train {result.get('train_acc', float('nan')):.2f}%  "
@@ -335,6 +344,7 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     from jobs.datadir import load_data
     from mnistnets.data import DataError
 
+    startup_mark("driver: tracking, datadir (torch), mnistnets imported")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         print("MLFLOW_TRACKING_URI is not set for this job; `mnistjobs submit` sets it.", file=sys.stderr)
@@ -347,7 +357,9 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     if queued is not None and queued.data.tags.get(TAG_QUEUE_STATE) == queue.CANCELLED:
         print(f"mnistjobs sweep {job_id}: cancelled while it was queued; not started", flush=True)
         return 0
+    startup_mark("driver: queue entry read")
     sweep_run = open_sweep_run(mlf, spec, job_id, experiment_id, ray_job_id)
+    startup_mark("driver: parent run RUNNING")
     from mlflow.entities import RunTag
 
     from jobs import search
@@ -373,7 +385,9 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
         finally:
             os._exit(128 + signum)
 
+    startup_mark("driver: parent run tagged")
     ray.init(log_to_driver=True, logging_level="WARNING")
+    startup_mark("driver: ray.init done")
     signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init(), which installs its own
 
     try:
@@ -383,6 +397,7 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
         mlf.set_tag(sweep_run.run_id, TAG_QUEUE_STATE, queue.ENDED)
         sweep_run.finish("FAILED")
         return 1
+    startup_mark("driver: data checked")
     job = {"job_id": job_id, "experiment_id": experiment_id, "parent_run_id": sweep_run.run_id,
            "tracking_uri": tracking_uri, "log_model": bool(log_models),
            # The state folder, where the trials find the embedded MLflow server's login
@@ -391,6 +406,7 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
            "home": os.environ.get("MNISTJOBS_HOME") or None,
            "system_metrics_interval": float(getattr(spec, "system_metrics_interval", 0) or 0)}
     tuner = build_tuner(spec, job, storage, check_resources(spec), resume=resume, stop=stop)
+    startup_mark("driver: tuner built, Tuner.fit()")
     start = time.perf_counter()
     results = tuner.fit()
     errors = results.num_errors
@@ -510,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no sweep spec: give --spec or set MNISTJOBS_SPEC")
 
     from jobs.spec import SpecError, SweepSpec
+
+    startup_mark("driver: jobs.spec imported")
 
     text = Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec
     try:

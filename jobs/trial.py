@@ -44,6 +44,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,55 @@ STOPPED_WAIT_S = 20.0  # how long a stopped trial waits for MLflow (the driver c
 #: cannot reuse the worker and fails the NEXT trial ("Could not re-use actor", then its searcher
 #: waits for that trial forever under --max-concurrent).
 STOPPED_THREAD_TIMEOUT_S = 300
+
+#: Set (to anything) in the services' environment (`MNISTJOBS_STARTUP_TRACE=1 mnistjobs up`): the
+#: driver and the trials print ``[startup] <unix time> <what>`` lines into the job's log, the
+#: moments of their startup (bench/service.py and the README's startup breakdown read them).
+TRACE_VAR = "MNISTJOBS_STARTUP_TRACE"
+
+
+def startup_mark(what: str, at: float | None = None) -> None:
+    """One ``[startup]`` line (``at``: that moment, default now) when $MNISTJOBS_STARTUP_TRACE is set."""
+    if os.environ.get(TRACE_VAR):
+        print(f"[startup] {time.time() if at is None else at:.3f} {what}", flush=True)
+
+
+def process_started_at() -> float:
+    """When this process started (unix time, from /proc; now where there is no /proc)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+#: The job's Ray workers run this when they start (``ray.init(runtime_env={"worker_process_setup_hook":
+#: ...})`` in jobs.sweep): the worker Ray starts for the trial imports what a trial needs while the
+#: driver is still starting Tune, instead of after Tune hands it the trial.
+SETUP_HOOK = "jobs.trial.prewarm_worker"
+
+
+def prewarm_worker() -> None:
+    """A Ray worker's setup hook (:data:`SETUP_HOOK`): import torch, mnistnets, MLflow's client and
+    Tune's session, the trial's own imports, ahead of its first trial. Never raises: a failed
+    import fails where the trial imports it, with its usual error."""
+    startup_mark("worker setup hook: start")
+    try:
+        import pyarrow.fs  # noqa: F401 - the trial's checkpoint listing
+        import ray.tune  # noqa: F401
+        from mlflow import MlflowClient  # noqa: F401
+        from mlflow.entities import Metric, Param, RunTag  # noqa: F401
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: F401
+
+        import mnistnets.summary  # noqa: F401
+        import mnistnets.train  # noqa: F401  (torch)
+        from jobs import grid, tracking  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a head start
+        pass
+    startup_mark("worker setup hook: done")
+
 
 # Module-level: one copy of MNIST per worker process, shared by the trials that process runs.
 _DATA_CACHE: dict[str, Any] = {}
@@ -200,6 +250,9 @@ def _limit_threads() -> None:
 
 def train_trial(config: dict[str, Any]) -> None:
     """Tune's function trainable: one trial (a point of the grid), resumable from its checkpoint."""
+    began = time.time()
+    startup_mark("trial worker process started", process_started_at())
+    startup_mark("trial function entered", began)
     from ray import tune
 
     from jobs import tracking
@@ -208,7 +261,9 @@ def train_trial(config: dict[str, Any]) -> None:
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # no line per checkpoint
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(STOPPED_THREAD_TIMEOUT_S))  # this worker's reuse
+    startup_mark("trial: imports done")
     _limit_threads()
+    startup_mark("trial: torch threads set (torch imported)")
     tracking.fail_fast_requests()  # TrialRun retries; MLflow's own retries would stall training
     job, cfg = config["job"], trial_config(config)
     if job.get("home") and not os.environ.get("MNISTJOBS_HOME"):
@@ -236,16 +291,27 @@ def train_trial(config: dict[str, Any]) -> None:
             print(f"[{name}] finished already (epoch {resumed['epoch']}/{cfg.epochs}, MLflow run "
                   f"FINISHED): nothing to repeat", flush=True)
             return
+        startup_mark("trial: checkpoint looked up")
         run = tracking.TrialRun.open(mlf, experiment_id=job["experiment_id"], parent_run_id=job["parent_run_id"],
                                      job_id=job["job_id"], trial_id=trial_id, name=name, run_id=run_id)
+        startup_mark("trial: MLflow run opened")
         if job.get("log_model", True):
             prewarm_model_logging()
         node = _start_run(run, cfg, resumed)
+        startup_mark("trial: params, tags, layer table logged")
         folder, data = _load_data(cfg.data_dir, node)
+        startup_mark("trial: data loaded")
         run.set_tags({TAG_DATA_DIR: folder})
         monitor = start_system_metrics(run, job.get("system_metrics_interval", 0), resume=resumed is not None)
+        startup_mark("trial: system metrics started")
+
+        def first_batch():
+            now = time.time()
+            startup_mark("trial: first batch", now)
+            print(f"[{name}] first batch {now - began:.1f} s after the trial began", flush=True)
+
         try:
-            for result in _fit_and_log(run, cfg, data, work, resume_from):
+            for result in _fit_and_log(run, cfg, data, work, resume_from, first_batch):
                 try:
                     _report(result, work, local)
                 except SystemExit as stop:  # Tune stopped this trial on purpose (see the module's doc)
@@ -300,11 +366,11 @@ def _start_run(run, cfg, resumed: dict[str, Any] | None) -> str:
     return node
 
 
-def _fit_and_log(run, cfg, data, work: Path, resume_from: Path | None):
+def _fit_and_log(run, cfg, data, work: Path, resume_from: Path | None, first_batch=None):
     """``fit``'s epochs, each logged to the run and recorded in the state file before it is yielded."""
     from mnistnets.train import fit
 
-    for result in fit(cfg, data=data, checkpoint_dir=work, resume_from=resume_from):
+    for result in fit(cfg, data=data, checkpoint_dir=work, resume_from=resume_from, first_batch=first_batch):
         run.log_epoch(result)
         (work / STATE_FILE).write_text(json.dumps({"run_id": run.run_id, "epoch": result["epoch"],
                                                    "trial_id": run.trial_id}))

@@ -298,7 +298,8 @@ class _Run:
         return int(state["epoch"]) + 1, float(state["best_test_acc"]), list(state.get("history", []))
 
     def train_epoch(self, epoch: int, augment: AugmentConfig | None, progress: ProgressFn | None,
-                    progress_every: int) -> tuple[float, float, float, int]:
+                    progress_every: int, first_batch: Callable[[], None] | None = None
+                    ) -> tuple[float, float, float, int]:
         """One epoch of training; (train loss, train accuracy %, the last step's lr, images seen)."""
         config, model, optimizer, scheduler, loader = (self.config, self.model, self.optimizer,
                                                        self.scheduler, self.train_loader)
@@ -318,6 +319,9 @@ class _Run:
                 loss.backward()
                 peak_lr = max(peak_lr, scheduler.get_lr())
                 optimizer.step()
+                if first_batch is not None:  # once: the caller's "training has begun" moment
+                    first_batch()
+                    first_batch = None
                 if i == n_batches:
                     lr_used = scheduler.get_lr()  # the lr this epoch's last step used
                 scheduler.step_batch()
@@ -358,12 +362,13 @@ class _Run:
 
 def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str | os.PathLike | None = None,
         resume_from: str | os.PathLike | None = None, progress: ProgressFn | None = None,
-        progress_every: int = 25) -> Iterator[dict[str, Any]]:
+        progress_every: int = 25, first_batch: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
     """Train one model; yield one result dict per epoch (see module docstring).
 
     ``data`` defaults to ``load_mnist(config.data_dir)``. ``progress(epoch, batch, n_batches,
     running_loss, running_acc)`` is called every ``progress_every`` batches and at the last one;
-    it costs one host sync each time.
+    it costs one host sync each time. ``first_batch()`` is called once, after the first optimizer
+    step of this call (no host sync): when training has begun, for a caller that times its startup.
 
     Raises :class:`Diverged` at the end of an epoch whose training loss (the epoch's sum, read
     once per epoch anyway) or test loss is NaN or infinite, or in which an optimizer step
@@ -384,7 +389,8 @@ def fit(config: TrainConfig, *, data: MNIST | None = None, checkpoint_dir: str |
 
     for epoch in range(start_epoch, config.epochs + 1):
         start = time.perf_counter()
-        train_loss, train_acc, lr_used, seen = run.train_epoch(epoch, augment, progress, progress_every)
+        train_loss, train_acc, lr_used, seen = run.train_epoch(epoch, augment, progress, progress_every,
+                                                               first_batch if epoch == start_epoch else None)
         train_seconds = time.perf_counter() - start
         test_loss, test_acc = evaluate(run.scored, run.test_loader)
         if not math.isfinite(test_loss):  # e.g. BatchNorm's running statistics blew up

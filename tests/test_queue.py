@@ -316,3 +316,138 @@ def test_down_then_up_puts_the_running_job_back_at_its_place(private_set, head_d
         assert services.load_record(rec.home) is None
 
     print(f"\nFIGURE `down` with {_interrupted_then_up(private_set, head_data, 'queue-down', down)}")
+
+
+# ------------------------------------------------------------------ the admitter's idle cost (fast)
+
+class _Store:
+    """A stand-in for MLflow's client (the plain-HTTP kind) that counts the admitter's requests."""
+
+    lite = True
+
+    def __init__(self, runs=()):
+        self.runs, self.calls = list(runs), []
+
+    def search_experiments(self):
+        self.calls.append("search_experiments")
+        return [SimpleNamespace(experiment_id="1", name="exp")]
+
+    def search_all(self, experiment_ids, filter_string=""):
+        self.calls.append("search_runs")
+        return list(self.runs)
+
+    def get_run(self, run_id):
+        self.calls.append("get_run")
+        run = next(r for r in self.runs if r.info.run_id == run_id)
+        return SimpleNamespace(info=run.info, data=SimpleNamespace(
+            tags={**run.data.tags, TAG_QUEUE_STATE: "cancelled"}, params=run.data.params))  # cancelled meanwhile
+
+
+def test_a_look_at_an_empty_queue_costs_two_mlflow_requests_and_a_busy_one_reuses_the_experiments(tmp_path):
+    from jobs.queue import Admitter
+
+    store = _Store()
+    admitter = Admitter(store, None, None, home=str(tmp_path))
+    assert admitter.tick() is None and store.calls == ["search_experiments", "search_runs"]
+    assert admitter.busy is False
+    store.calls.clear()
+    admitter.tick(fresh=False)  # an idle look (ten seconds apart) reads the experiments again
+    assert store.calls == ["search_experiments", "search_runs"]
+
+    store.runs = [_run("a", "SCHEDULED")]
+    admitter.tick(fresh=False)
+    assert admitter.busy is True  # a queued job: the next look comes after the short interval
+    store.calls.clear()
+    admitter.tick(fresh=False)  # a busy look: the experiments of the last one (a wake-up reads them again)
+    assert store.calls == ["search_runs", "get_run"]
+    store.calls.clear()
+    admitter.tick(fresh=True)
+    assert store.calls == ["search_experiments", "search_runs", "get_run"]
+
+    nobody_wakes_it = Admitter(store, None, None, home=None)  # a cluster elsewhere: its clients cannot wake it
+    nobody_wakes_it.tick()
+    store.calls.clear()
+    nobody_wakes_it.tick(fresh=False)
+    assert store.calls == ["search_experiments", "search_runs", "get_run"]
+
+
+def test_the_admitter_polls_slowly_while_the_queue_is_empty_and_fast_while_it_holds_jobs(tmp_path):
+    import threading
+
+    from jobs.queue import Admitter
+
+    stop = threading.Event()
+    busy = iter([False, True, False])
+    admitter = Admitter(None, None, None, home=None)
+
+    def tick(fresh=True):
+        admitter.busy = next(busy)
+
+    class Waker:
+        port, timeouts = 1, []
+
+        def wait(self, timeout):
+            self.timeouts.append(timeout)
+            if len(self.timeouts) == 3:
+                stop.set()
+            return False
+
+        def close(self):
+            pass
+
+    admitter.tick, admitter.waker = tick, Waker()
+    admitter.run_forever(stop, interval=1.0, idle_interval=10.0)
+    assert Waker.timeouts == [10.0, 1.0, 10.0] and admitter.ticks == 3
+
+
+def test_wake_makes_an_idle_admitter_look_again_at_once(tmp_path):
+    """interval 3600 s: without the wake-up the loop would sleep for an hour after its first look
+    and the join below would give up with one look taken."""
+    import threading
+
+    from jobs.queue import Admitter, wake
+    from jobs.state import wake_port_path
+
+    stop, looks = threading.Event(), []
+    admitter = Admitter(None, None, None, home=str(tmp_path))
+
+    def tick(fresh=True):
+        looks.append(fresh)
+        if len(looks) == 2:
+            stop.set()
+
+    admitter.tick = tick
+    waker = admitter.listen()
+    assert wake_port_path(tmp_path).read_text().strip() == str(waker.port)
+    assert oct(wake_port_path(tmp_path).stat().st_mode & 0o777) == "0o600"
+    loop = threading.Thread(target=admitter.run_forever, args=(stop, 3600.0, 3600.0), daemon=True)
+    loop.start()
+    wake(tmp_path)
+    loop.join(timeout=120)
+    assert not loop.is_alive() and looks == [True, True]  # the woken look reads the experiments afresh
+    assert not wake_port_path(tmp_path).exists()  # the loop's end takes its port away
+
+
+def test_wake_never_fails_without_an_admitter(tmp_path):
+    from jobs.queue import Waker, wake
+    from jobs.state import wake_port_path
+
+    assert wake(tmp_path / "no-such-home") is None
+    path = wake_port_path(tmp_path)
+    for text in ("", "not a port", "0", "70000", "-5"):
+        path.write_text(text)
+        assert wake(tmp_path) is None
+    gone = Waker()
+    port = gone.port
+    gone.close()
+    path.write_text(str(port))  # a stale file: its admitter died
+    assert wake(tmp_path) is None
+    waker = Waker()
+    path.write_text(str(waker.port))
+    try:
+        for _ in range(3):
+            wake(tmp_path)
+        assert waker.wait(60) is True  # every datagram waiting is read at once
+        assert waker.wait(0) is False
+    finally:
+        waker.close()

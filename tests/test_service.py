@@ -51,6 +51,18 @@ def _runs(mlf, job_id, role=None):
 
 # ---------------------------------------------------------------------------------- no services
 
+def test_the_ray_head_runs_with_the_idle_settings_unless_the_environment_sets_them(tmp_path, monkeypatch):
+    from jobs import services
+
+    monkeypatch.delenv("RAY_prestart_worker_first_driver", raising=False)
+    monkeypatch.setenv("REPORTER_UPDATE_INTERVAL_MS", "5000")  # the user's own value
+    env = services._service_env(tmp_path, "id")
+    assert env["RAY_prestart_worker_first_driver"] == "0"  # no idle workers no sweep could use
+    assert env["REPORTER_UPDATE_INTERVAL_MS"] == "5000"
+    assert {k: env[k] for k in services.RAY_IDLE_SETTINGS if k != "REPORTER_UPDATE_INTERVAL_MS"} == {
+        k: v for k, v in services.RAY_IDLE_SETTINGS.items() if k != "REPORTER_UPDATE_INTERVAL_MS"}
+
+
 def test_port_in_use_is_a_clear_usage_error(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -103,6 +115,18 @@ def test_follow_log_of_a_job_whose_driver_never_started():
 
     fake = _FakeJobs([([], False)], log="runtime_env setup failed\n", status="FAILED")
     assert "".join(follow_log(fake, "mj-1", pause=0)) == "runtime_env setup failed\n"
+
+
+def test_the_log_filter_drops_traceback_lines_split_across_chunks():
+    from jobs.client import TRACE_PREFIX, LineFilter, readable
+
+    chunks = ["[v2] epoch 1/2\n  ", "| Traceback (most\n", f"{TRACE_PREFIX}  File x\n[v2] fini", "shed"]
+    lines = LineFilter()
+    fed = "".join(lines.feed(c) for c in chunks) + lines.close()
+    assert fed == "[v2] epoch 1/2\n[v2] finished"
+    assert "".join(readable(chunks)) == fed  # the stream's filter and the fed one agree
+    everything = LineFilter(full=True)
+    assert "".join(everything.feed(c) for c in chunks) + everything.close() == "".join(chunks)
 
 
 def _spec():
@@ -224,6 +248,9 @@ def test_submit_wait_records_every_trial_in_mlflow(embedded, synthetic_dir):
     for trial in ("v0-cosine-s1", "v2-cosine-s1"):
         assert _epoch_lines(result.stdout, trial) == ["1/2", "2/2"], result.stdout
     assert result.stdout.rstrip().endswith(f"Job {job} SUCCEEDED: every trial finished."), result.stdout
+    # The driver's last line comes before the trials table.
+    last = result.stdout.index(f"mnistjobs sweep {job}: 2 trials, 0 failed")
+    assert last < result.stdout.index("  trial ") < result.stdout.index(f"Job {job} SUCCEEDED")
 
     mlf = mlflow_client(embedded)
     (parent,) = _runs(mlf, job, ROLE_SWEEP)
