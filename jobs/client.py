@@ -470,39 +470,22 @@ def cancel(client: "JobSubmissionClient", cluster: "Cluster", job_id: str, *,
 TRACE_PREFIX = "  | "
 
 
-class LineFilter:
-    """The log's text without the traceback lines (unless ``full``), fed a chunk at a time:
-    whole lines, so a prefix split across two chunks is still recognised."""
-
-    def __init__(self, full: bool = False) -> None:
-        self.full, self.pending = full, ""
-
-    def feed(self, chunk: str) -> str:
-        if self.full:
-            return chunk
-        self.pending += chunk
-        lines = self.pending.split("\n")
-        self.pending = lines.pop()
-        kept = [line for line in lines if not _hidden(line)]
-        return "\n".join(kept) + "\n" if kept else ""
-
-    def close(self) -> str:
-        """What is left: a last line without a newline."""
-        rest, self.pending = self.pending, ""
-        return rest if rest and not self.full and not _hidden(rest) else ""
-
-
 def readable(chunks, full: bool = False) -> Iterator[str]:
     """The log's text as it arrives, without the traceback lines (unless ``full``): whole lines,
     so a prefix split across two chunks is still recognised."""
-    lines = LineFilter(full)
+    if full:
+        yield from chunks
+        return
+    pending = ""
     for chunk in chunks:
-        text = lines.feed(chunk)
-        if text:
-            yield text
-    rest = lines.close()
-    if rest:
-        yield rest
+        pending += chunk
+        lines = pending.split("\n")
+        pending = lines.pop()
+        kept = [line for line in lines if not _hidden(line)]
+        if kept:
+            yield "\n".join(kept) + "\n"
+    if pending and not _hidden(pending):
+        yield pending
 
 
 def _hidden(line: str) -> bool:

@@ -67,7 +67,7 @@ META_ROLE = "mnistjobs.role"
 ROLE_QUEUE = "queue"            # the metadata role of the short Ray jobs that start the admitter
 POLL_S = 1.0                    # how often the admitter reads the queue while it holds jobs
 IDLE_POLL_S = 10.0              # ... and while it is empty (a wake-up makes it look at once)
-EXPERIMENTS_TTL_S = IDLE_POLL_S # how long a busy admitter trusts its list of experiments
+EXPERIMENTS_TTL_S = IDLE_POLL_S  # how long a busy admitter trusts its list of experiments
 QUEUED, ADMITTED, CANCELLED, ENDED = "queued", "admitted", "cancelled", "ended"
 ACTIVE_STATUSES = ("SCHEDULED", "RUNNING")
 MAX_START_FAILURES = 3          # Ray refusing a job this many times in a row fails it
@@ -523,9 +523,7 @@ class Waker:
         for _ in range(1000):
             try:
                 self.sock.recv(64)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
+            except OSError:  # BlockingIOError: all read
                 break
         return True
 

@@ -83,32 +83,6 @@ def process_started_at() -> float:
         return time.time()
 
 
-#: The job's Ray workers run this when they start (``ray.init(runtime_env={"worker_process_setup_hook":
-#: ...})`` in jobs.sweep): the worker Ray starts for the trial imports what a trial needs while the
-#: driver is still starting Tune, instead of after Tune hands it the trial.
-SETUP_HOOK = "jobs.trial.prewarm_worker"
-
-
-def prewarm_worker() -> None:
-    """A Ray worker's setup hook (:data:`SETUP_HOOK`): import torch, mnistnets, MLflow's client and
-    Tune's session, the trial's own imports, ahead of its first trial. Never raises: a failed
-    import fails where the trial imports it, with its usual error."""
-    startup_mark("worker setup hook: start")
-    try:
-        import pyarrow.fs  # noqa: F401 - the trial's checkpoint listing
-        import ray.tune  # noqa: F401
-        from mlflow import MlflowClient  # noqa: F401
-        from mlflow.entities import Metric, Param, RunTag  # noqa: F401
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: F401
-
-        import mnistnets.summary  # noqa: F401
-        import mnistnets.train  # noqa: F401  (torch)
-        from jobs import grid, tracking  # noqa: F401
-    except Exception:  # noqa: BLE001 - only a head start
-        pass
-    startup_mark("worker setup hook: done")
-
-
 # Module-level: one copy of MNIST per worker process, shared by the trials that process runs.
 _DATA_CACHE: dict[str, Any] = {}
 
@@ -306,9 +280,7 @@ def train_trial(config: dict[str, Any]) -> None:
         startup_mark("trial: system metrics started")
 
         def first_batch():
-            now = time.time()
-            startup_mark("trial: first batch", now)
-            print(f"[{name}] first batch {now - began:.1f} s after the trial began", flush=True)
+            startup_mark(f"trial: first batch ({time.time() - began:.1f} s after the trial began)")
 
         try:
             for result in _fit_and_log(run, cfg, data, work, resume_from, first_batch):
