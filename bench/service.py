@@ -18,6 +18,7 @@ gain from running them side by side.
     python bench/service.py --epochs 15 --full                # the real figure (slow on a CPU)
     python bench/service.py --max-concurrent 0                # let trials run side by side
     python bench/service.py --only service --footprint        # + the idle services' CPU and memory, CLI latency
+    python bench/service.py --only service --baseline /tmp/base  # another checkout's code first, then this one's
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def submit_args(args) -> list[str]:
 
 def mnistjobs_cmd() -> list[str]:
     script = Path(sys.executable).with_name("mnistjobs")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from jobs.cli import main; main()"]
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from jobs.cli import run; run()"]
 
 
 class WorkerThreads(threading.Thread):
@@ -204,13 +205,39 @@ def cli_latency(base: list[str], home: Path, job: str, env: dict, runs: int = 3)
     return out
 
 
-def run_service(args, spec, home: Path) -> dict:
+def startup_marks(text: str, t0: float) -> list[tuple[float, str]]:
+    """The ``[startup] <unix time> <what>`` lines of submit's output (its own, the driver's and, forwarded
+    by Ray, the trials'), as (seconds after ``t0``, what), in time order."""
+    import re
+
+    out = []
+    for m in re.finditer(r"^(?:\((\S+) pid=(\d+)[^)]*\) )?\[startup\] (\d+\.\d+) (.*)$", text, re.M):
+        who = f" [{m.group(1)} pid {m.group(2)}]" if m.group(1) else ""
+        out.append((float(m.group(3)) - t0, m.group(4) + who))
+    return sorted(out)
+
+
+def code_cmd(code: Path) -> list[str]:
+    """`mnistjobs` from the checkout ``code`` (run with PYTHONPATH=code from a neutral folder, so its
+    `jobs` and `mnistnets` win over the installed ones): its console-script function, `run` where it
+    has one (the fast exit), else `main`."""
+    entry = "run" if "\ndef run() -> None:" in (code / "jobs" / "cli.py").read_text() else "main"
+    return [sys.executable, "-c", f"from jobs.cli import {entry}; {entry}()"]
+
+
+def run_service(args, spec, home: Path, code: Path | None = None) -> dict:
+    """(a): the sweep through a fresh service set in ``home``; ``code``: another checkout's mnistjobs
+    (--baseline), for the CLI, the services, the driver and the trials alike."""
     from jobs import services, tracking
     from jobs.contract import ROLE_SWEEP, TAG_ROLE
 
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_VARS}
     env["PYTHONUNBUFFERED"] = "1"
+    env["MNISTJOBS_STARTUP_TRACE"] = "1"  # the driver, the trials and submit print [startup] marks
     base = mnistjobs_cmd()
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+        base = code_cmd(code)
     log = open(home.parent / "service.log", "w")
     out: dict = {}
     try:
@@ -272,6 +299,7 @@ def run_service(args, spec, home: Path) -> dict:
                  ("Ray job ended", (ray_job.get("end_time") or 0) / 1000),
                  ("`submit --wait` returned", wall2)]
         out["timeline"] = [(name, t - wall1) for name, t in marks if t > 0]
+        out["startup"] = startup_marks(proc.stdout, wall1)
         # How many trials ran at once: the most that overlapped in time.
         events = sorted([(t["start"], 1) for t in trials] + [(t["end"], -1) for t in trials])
         now = peak = 0
@@ -345,6 +373,12 @@ def report(args, spec, svc: dict | None, bare: dict | None) -> None:
             print(f"             trial worker {w['title']} (pid {w['pid']}): {w['cpu_s']:.1f} CPU s, "
                   f"{len(w['busy_threads'])} compute thread(s), CPU s each: {w['busy_threads']}")
         print("             timeline (s after submit): " + "; ".join(f"{n} {t:.1f}" for n, t in svc["timeline"]))
+        if svc.get("startup"):
+            print("             startup breakdown, [startup] marks (s after submit started; step since the mark before):")
+            last = 0.0
+            for t, what in svc["startup"]:
+                print(f"               {t:7.2f}  (+{t - last:5.2f})  {what}")
+                last = t
         for t in svc["trials"]:
             print(f"             {t['name']:<16} {t['status']:<9} ran {t['start'] - svc['trials'][0]['start']:6.1f}"
                   f" -> {t['end'] - svc['trials'][0]['start']:6.1f} s (relative)")
@@ -390,6 +424,38 @@ def report(args, spec, svc: dict | None, bare: dict | None) -> None:
         print(f"  {name:<16} {max(len(s), len(b)):>6}  {mean(s):>15.2f}  {mean(b):>12.2f}  {ratio:>6.3f}   {detail}")
 
 
+def _span(svc: dict, start: str, end: str) -> float | None:
+    marks = dict(svc["timeline"])
+    return marks[end] - marks[start] if start in marks and end in marks else None
+
+
+def _first_batch(svc: dict) -> float | None:
+    return next((t for t, what in svc.get("startup", []) if what.startswith("trial: first batch")), None)
+
+
+def compare_timelines(before: dict, after: dict) -> None:
+    """The job's fixed costs, the baseline code's next to this code's (one run, one machine)."""
+    rows = [("submit -> Ray job accepted", lambda s: _span(s, "queued (its MLflow run created)", "Ray job accepted")
+             + dict(s["timeline"])["queued (its MLflow run created)"]),
+            ("submit -> first trial's first batch (goal <= 6 s)", _first_batch),
+            ("last trial ended -> driver closed its MLflow run",
+             lambda s: _span(s, "last trial ended", "sweep driver closed its MLflow run")),
+            ("last trial ended -> Ray job ended", lambda s: _span(s, "last trial ended", "Ray job ended")),
+            ("last trial ended -> `submit --wait` returned (goal <= 1 s)",
+             lambda s: _span(s, "last trial ended", "`submit --wait` returned")),
+            ("submit -> all trials FINISHED (`submit --wait` returns)", lambda s: s["submit_s"])]
+    print()
+    print(f"  {'fixed cost of the job (s)':<58} {'baseline':>9} {'this code':>10}")
+    for name, get in rows:
+        vals = []
+        for svc in (before, after):
+            try:
+                vals.append(get(svc))
+            except (KeyError, TypeError):
+                vals.append(None)
+        print(f"  {name:<58} " + " ".join(f"{v:>9.1f} " if v is not None else f"{'-':>9} " for v in vals))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -415,6 +481,10 @@ def main(argv=None) -> int:
                    help="after the sweep, measure the idle services (CPU, PSS memory) and the CLI's latency")
     p.add_argument("--footprint-seconds", type=float, default=60.0, help="how long to sample the idle services  [60]")
     p.add_argument("--json", metavar="FILE", help="also write the raw numbers as JSON")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="another checkout of mnistjobs (e.g. `git worktree add /tmp/base HEAD~3`): run (a) with "
+                        "its code first, then with this code, each on a fresh service set, and print their "
+                        "fixed costs side by side")
     args = p.parse_args(argv)
     if args.full:
         args.train_limit = args.test_limit = 0
@@ -426,9 +496,16 @@ def main(argv=None) -> int:
     spec = build_spec(args)
 
     tmp = Path(tempfile.mkdtemp(prefix="mnistjobs-bench-service-"))
-    svc = bare = None
+    svc = bare = base_svc = None
     try:
-        if args.only in ("both", "service"):
+        if args.baseline:
+            print(f"(a) service, baseline code {args.baseline}: a fresh service set in {tmp / 'base-home'} ...",
+                  flush=True)
+            os.chdir(tmp)  # so that no checkout's folder is on the processes' sys.path by accident
+            base_svc = run_service(args, spec, tmp / "base-home", code=Path(args.baseline))
+            print(f"(a) service, this code {REPO}: a fresh service set in {tmp / 'home'} ...", flush=True)
+            svc = run_service(args, spec, tmp / "home", code=REPO)
+        elif args.only in ("both", "service"):
             print(f"(a) service: a fresh embedded service set in {tmp / 'home'} ...", flush=True)
             svc = run_service(args, spec, tmp / "home")
         if args.only in ("both", "bare"):
@@ -439,9 +516,16 @@ def main(argv=None) -> int:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    if base_svc is not None:
+        print("\n==== baseline code:", args.baseline)
+        report(args, spec, base_svc, None)
+        print("\n==== this code:", REPO)
     report(args, spec, svc, bare)
+    if base_svc is not None:
+        compare_timelines(base_svc, svc)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "service": svc, "bare": bare}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "service": svc, "bare": bare,
+                                               "baseline": base_svc}, indent=2))
     return 0
 
 

@@ -77,12 +77,9 @@ def _echo_links(cluster, info) -> None:
         click.echo(f"  MLflow:        {links['mlflow']}")
 
 
-def _trial_table(cluster, info, *, lite: bool = False) -> str | None:
-    """The job's trials from MLflow as text (None when no MLflow is known); ``lite``: read over
-    plain HTTP (jobs.rest)."""
-    from jobs import client as jc
-
-    rows, problem = jc.trials(cluster, info, lite=lite)
+def _trial_table(rows, problem) -> str | None:
+    """The job's trials (``jobs.client.trials``: the rows, or why they could not be read) as text;
+    None when no MLflow is known."""
     if problem:
         return f"  ({problem})"
     if rows is None:
@@ -124,15 +121,20 @@ def _echo_jobs(client, cluster) -> None:
         click.echo(f"{e.job_id:<18} {state:<10} {queue.when(e.submitted_at):<19}  {'-':>8}  {e.summary} ({note})")
 
 
-def _follow(client, cluster, job_id, *, full: bool = False):
-    """Print the job's log as it grows until the job ends (tracebacks left out unless ``full``);
-    return the final JobInfo."""
+def _follow(client, cluster, job_id, logical_id=None, *, full: bool = False):
+    """Print the job's log as it grows until its driver's last line (``jobs.client.until_done``), or
+    until the job ends where there is none (tracebacks left out unless ``full``). Returns (the job's
+    info, its state: the one the driver's last line gives, else Ray's)."""
     from jobs import client as jc
 
+    outcome: dict[str, str] = {}
     with service_errors():
-        for chunk in jc.readable(jc.follow_log(client, job_id), full=full):
+        lines = jc.readable(jc.follow_log(client, job_id), full=full)
+        for chunk in jc.until_done(lines, logical_id or job_id, outcome):
             click.echo(chunk, nl=False)
-        return jc.job_info(client, cluster, job_id)
+        lines.close()  # the log's stream with it, at once
+        info = jc.job_info(client, cluster, job_id)
+    return info, outcome.get("state") or jc.status_of(info)
 
 
 def _await_start(client, cluster, job_id, ray_job_id) -> None:
@@ -162,22 +164,22 @@ def _await_start(client, cluster, job_id, ray_job_id) -> None:
 def _wait(client, cluster, ray_job_id, job_id=None) -> None:
     """Follow the job to its end, print its trials; exit 1 unless it SUCCEEDED.
 
-    It follows the log until the Ray job has ended, not only until the driver closed the parent
-    run: the trials' own lines (``(train_trial pid=...) [v2-...] model logged``) reach the driver's
-    log through Ray's log forwarding and may arrive after the driver's last line. The trials table
-    is then read over plain HTTP (no MLflow import)."""
+    It follows the log to the driver's last line (``jobs.contract.DONE_LINE``), which the driver
+    writes after closing its parent run and its Ray connection, so that the trials' own lines
+    (``(train_trial pid=...) [v2-...] model logged``, forwarded by Ray) are all before it; without
+    that line (a killed driver), until the Ray job has ended. The trials table is then read over
+    plain HTTP (no MLflow import)."""
     from jobs import client as jc
 
     _await_start(client, cluster, job_id or ray_job_id, ray_job_id)
-    info = _follow(client, cluster, ray_job_id)
-    rows, _ = jc.trials(cluster, info, lite=True)
-    table = _trial_table(cluster, info, lite=True)
+    info, status = _follow(client, cluster, ray_job_id, job_id)
+    rows, problem = jc.trials(cluster, info, lite=True)
+    table = _trial_table(rows, problem)
     if table:
         click.echo(table)
-    status = jc.status_of(info)
     if status != "SUCCEEDED":
         raise click.ClickException(f"Job {ray_job_id} ended {status}"
-                                   + (f": {info.message}" if info.message else "")
+                                   + (f": {info.message}" if info.message and jc.has_ended(info) else "")
                                    + ". Trials that failed are FAILED in MLflow; `mnistjobs resume "
                                    f"{ray_job_id}` continues the unfinished ones from their checkpoints.")
     diverged = [r for r in (rows or []) if r.get("diverged")]
@@ -328,8 +330,9 @@ def submit(models, schedules, seeds, search, num_samples, search_seed, space, me
         --space 'lr=loguniform(0.01,0.5)' --space 'weight_decay=loguniform(1e-5,1e-3)' --dry-run
     """
     from jobs import client as jc
-    from jobs.spec import format_trial_table
+    from jobs.process import process_started_at, startup_mark
 
+    startup_mark("submit: process started", process_started_at())
     spec = _spec_of(config_file, address, {
         "models": list(models) or None, "schedules": list(schedules) or None, "seeds": seeds,
         "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent,
@@ -342,10 +345,13 @@ def submit(models, schedules, seeds, search, num_samples, search_seed, space, me
         click.echo(f"Dry run, nothing submitted. {spec.summary()}, experiment {spec.experiment!r}:")
         _echo_search_dry_run(spec)
         return
+    startup_mark("submit: spec validated, data checked")
     _check_tracking(address, tracking_uri, home)
     cluster, client = _connect(address, tracking_uri, home, start=True)
+    startup_mark("submit: services found")
     with service_errors():
         queued = jc.submit(client, cluster, spec, jc.new_job_id())
+    startup_mark("submit: queued")
     job_id = queued["job_id"]
     click.echo(f"Submitted job {job_id}: {spec.summary()}")
     if queued["place"]:
@@ -469,7 +475,7 @@ def status_cmd(job, address, tracking_uri, home):
     if info.message and jc.status_of(info) != "RUNNING":
         click.echo(f"  {info.message}")
     _echo_links(cluster, info)
-    table = _trial_table(cluster, info, lite=rest.is_lite(client))
+    table = _trial_table(*jc.trials(cluster, info, lite=rest.is_lite(client)))
     if table:
         click.echo(table)
 
@@ -525,8 +531,8 @@ def logs_cmd(job, follow, full, address, home):
             return
         _await_start(client, cluster, view.job_id, ray_job_id)
     if follow:
-        info = _follow(client, cluster, ray_job_id, full=full)
-        click.echo(f"[job {ray_job_id} {jc.status_of(info)}]", err=True)
+        _, state = _follow(client, cluster, ray_job_id, view.job_id, full=full)
+        click.echo(f"[job {ray_job_id} {state}]", err=True)
     else:
         with service_errors():
             text = client.get_job_logs(ray_job_id)
@@ -637,5 +643,18 @@ def priority_cmd(job, priority, address, tracking_uri, home):
     click.echo(f"Job {job}: priority {priority}; now place {entry.place} in the queue.")
 
 
+def run() -> None:
+    """The `mnistjobs` console script: the click group, then a fast exit (``jobs.process.fast_exit``:
+    atexit functions and threads as usual, without the interpreter's module teardown, about a second
+    once torch, MLflow and Ray are loaded). Tests call ``main`` in-process instead."""
+    from jobs.process import fast_exit
+
+    try:
+        main()
+    except SystemExit as exc:  # click's standalone mode always ends so
+        fast_exit(exc.code)
+    fast_exit(0)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run()

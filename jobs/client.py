@@ -21,13 +21,14 @@ Imports neither torch nor click at module level; Ray and MLflow are imported whe
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import shlex
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
-from jobs.contract import TAG_NEXT_RAY_JOB, TAG_RAY_JOB
+from jobs.contract import DONE_LINE, TAG_NEXT_RAY_JOB, TAG_RAY_JOB
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -44,7 +45,6 @@ META_EXPERIMENT_ID = "mnistjobs.experiment_id"
 META_TRACKING_URI = "mnistjobs.tracking_uri"
 META_RESUME_OF = "mnistjobs.resume_of"
 CANCEL_TIMEOUT_S = 60.0
-
 
 
 class JobUsageError(ValueError):
@@ -471,21 +471,35 @@ TRACE_PREFIX = "  | "
 
 
 def readable(chunks, full: bool = False) -> Iterator[str]:
-    """The log's text as it arrives, without the traceback lines (unless ``full``): whole lines,
-    so a prefix split across two chunks is still recognised."""
-    if full:
-        yield from chunks
-        return
+    """The log's text as it arrives, in whole lines (so a prefix split across two chunks is still
+    recognised), without the traceback lines unless ``full``."""
     pending = ""
     for chunk in chunks:
         pending += chunk
         lines = pending.split("\n")
         pending = lines.pop()
-        kept = [line for line in lines if not _hidden(line)]
+        kept = [line for line in lines if full or not _hidden(line)]
         if kept:
             yield "\n".join(kept) + "\n"
-    if pending and not _hidden(pending):
+    if pending and (full or not _hidden(pending)):
         yield pending
+
+
+def until_done(chunks, job_id: str, outcome: dict[str, str]) -> Iterator[str]:
+    """Whole-line ``chunks`` of a job's log up to and including its driver's last line
+    (``jobs.contract.DONE_LINE`` for ``job_id``), then no more: the caller stops reading (and closes
+    the log's stream) as soon as the driver is done, instead of waiting for Ray to notice that the
+    driver's process ended (1-3 s). ``outcome["state"]`` is then the state that line gives
+    (SUCCEEDED or FAILED). A log without that line (a driver that was killed, or one of older code)
+    is read to its end as before."""
+    done = re.compile("^" + re.escape(DONE_LINE.format(job_id=job_id, state="")) + r"(SUCCEEDED|FAILED)$", re.M)
+    for chunk in chunks:
+        found = done.search(chunk)
+        if found:
+            outcome["state"] = found.group(1)
+            yield chunk[:found.end()] + "\n"
+            return
+        yield chunk
 
 
 def _hidden(line: str) -> bool:

@@ -58,6 +58,12 @@ TAG_DATA_DIR = "mnistjobs.data_dir"
 TAG_BEST_RUN = "mnistjobs.best_run_id"
 #: On the parent run: what the driver registered ("mnistjobs-v2 v3, mnistjobs-v0 v1"), or "off".
 TAG_REGISTERED = "mnistjobs.registered"
+
+#: The last line a sweep's driver writes to its job's log, after its parent run is closed and its
+#: Ray connection is shut down, so that no forwarded trial line can come after it (state: SUCCEEDED
+#: or FAILED, the Ray job's state once the process has exited). `submit --wait` and `logs --follow`
+#: stop there, without waiting for Ray to notice that the driver's process ended (jobs.client.until_done).
+DONE_LINE = "mnistjobs sweep {job_id}: ended {state}"
 #: The parent run's summary metrics (step 0): per model ``<model>.final_test_acc`` and
 #: ``<model>.best_epoch_test_acc`` (its highest epoch) of its best trial (highest final test
 #: accuracy), and the same two of the sweep's best trial without the prefix. (``best_<metric>``,

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.trial import process_started_at, startup_mark
+from jobs.process import fast_exit, process_started_at, startup_mark
 
 startup_mark("driver process started", process_started_at())
 startup_mark("driver: jobs.sweep imported")
@@ -49,7 +49,7 @@ from ray import tune  # noqa: E402
 
 startup_mark("driver: ray.tune imported")
 
-from jobs.contract import (ROLE_TRIAL, SUMMARY_BEST, SUMMARY_FINAL, TAG_BEST_RUN, TAG_DIVERGED, TAG_DIVERGED_REASON,
+from jobs.contract import (DONE_LINE, ROLE_TRIAL, SUMMARY_BEST, SUMMARY_FINAL, TAG_BEST_RUN, TAG_DIVERGED, TAG_DIVERGED_REASON,
                            TAG_HELD, TAG_QUEUE_STATE, TAG_REGISTERED, TAG_STOPPED_EARLY, TAG_TRIAL, TAG_WAITING_TRIALS)
 from jobs.grid import trial_config, trial_name
 from jobs.trial import stopped_tags, train_trial
@@ -512,6 +512,11 @@ def _set_tag_quietly(mlf, run_id: str, key: str, value: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.sweep`: parse the arguments, run the sweep, return the exit code."""
+    return run(parse_args(argv))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--job-id", required=True, help="the mnistjobs job id (names the Tune experiment)")
     parser.add_argument("--experiment-id", required=True,
@@ -524,7 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.spec:
         parser.error("no sweep spec: give --spec or set MNISTJOBS_SPEC")
+    return args
 
+
+def run(args: argparse.Namespace) -> int:
     from jobs.spec import SpecError, SweepSpec
 
     startup_mark("driver: jobs.spec imported")
@@ -539,5 +547,18 @@ def main(argv: list[str] | None = None) -> int:
                      ray_job_id=args.ray_job_id)
 
 
+def done_line(job_id: str, code: int) -> str:
+    """The driver's last line (``jobs.contract.DONE_LINE``) for exit code ``code``."""
+    return DONE_LINE.format(job_id=job_id, state="SUCCEEDED" if code == 0 else "FAILED")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Ray's connection is closed before the last line (so no forwarded trial line can follow it),
+    # and the process then ends without the interpreter's module teardown (jobs.process.fast_exit):
+    # Ray marks the job ended when this process is gone.
+    _args = parse_args()
+    _code = run(_args)
+    import ray as _ray
+
+    _ray.shutdown()
+    fast_exit(_code, last_words=done_line(_args.job_id, _code))

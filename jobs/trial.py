@@ -50,6 +50,7 @@ from typing import Any
 
 from jobs.contract import (LAYERS_ARTIFACT, TAG_DATA_DIR, TAG_DEVICE, TAG_DIVERGED, TAG_DIVERGED_REASON, TAG_JOB,
                            TAG_NODE, TAG_STOPPED_AT, TAG_STOPPED_EARLY, TAG_TRIAL)
+from jobs.process import process_started_at, startup_mark
 
 STATE_FILE = "mnistjobs_trial.json"  # in every checkpoint: the MLflow run id, the epoch
 STOPPED_WAIT_S = 20.0  # how long a stopped trial waits for MLflow (the driver closes its run anyway)
@@ -59,29 +60,6 @@ STOPPED_WAIT_S = 20.0  # how long a stopped trial waits for MLflow (the driver c
 #: cannot reuse the worker and fails the NEXT trial ("Could not re-use actor", then its searcher
 #: waits for that trial forever under --max-concurrent).
 STOPPED_THREAD_TIMEOUT_S = 300
-
-#: Set (to anything) in the services' environment (`MNISTJOBS_STARTUP_TRACE=1 mnistjobs up`): the
-#: driver and the trials print ``[startup] <unix time> <what>`` lines into the job's log, the
-#: moments of their startup (bench/service.py and the README's startup breakdown read them).
-TRACE_VAR = "MNISTJOBS_STARTUP_TRACE"
-
-
-def startup_mark(what: str, at: float | None = None) -> None:
-    """One ``[startup]`` line (``at``: that moment, default now) when $MNISTJOBS_STARTUP_TRACE is set."""
-    if os.environ.get(TRACE_VAR):
-        print(f"[startup] {time.time() if at is None else at:.3f} {what}", flush=True)
-
-
-def process_started_at() -> float:
-    """When this process started (unix time, from /proc; now where there is no /proc)."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
-
 
 # Module-level: one copy of MNIST per worker process, shared by the trials that process runs.
 _DATA_CACHE: dict[str, Any] = {}

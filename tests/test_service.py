@@ -125,6 +125,38 @@ def test_the_log_filter_drops_traceback_lines_split_across_chunks():
     assert "".join(readable(chunks, full=True)) == "".join(chunks)
 
 
+def test_following_stops_at_the_drivers_last_line():
+    from jobs.client import readable, until_done
+    from jobs.contract import DONE_LINE
+
+    done = DONE_LINE.format(job_id="mj-1", state="FAILED")
+    chunks = ["[v2] epoch 1/2\n", DONE_LINE.format(job_id="mj-2", state="SUCCEEDED") + "\n" + done[:20],
+              f"{done[20:]}x\n", f"{done}\n(train_trial pid=1) late\n", "never read\n"]
+    read, outcome = [], {}
+
+    def source():
+        for chunk in chunks:
+            read.append(chunk)
+            yield chunk
+
+    out = "".join(until_done(readable(source()), "mj-1", outcome))
+    # Another job's last line, a line (split across chunks) that only starts like it: passed on; the
+    # line itself ends it.
+    assert out.splitlines() == ["[v2] epoch 1/2", DONE_LINE.format(job_id="mj-2", state="SUCCEEDED"),
+                                f"{done}x", done]
+    assert outcome == {"state": "FAILED"}
+    assert read == chunks[:4]  # not one chunk more was asked of the stream
+
+
+def test_a_log_without_the_drivers_last_line_is_read_to_its_end():
+    from jobs.client import readable, until_done
+
+    outcome = {}
+    chunks = ["mnistjobs sweep mj-1: 1 trial, 0 failed, 3.0 s\n", "Job entrypoint command failed\n", "tail"]
+    assert "".join(until_done(readable(iter(chunks)), "mj-1", outcome)) == "".join(chunks)
+    assert outcome == {}
+
+
 def _spec():
     from jobs.spec import SweepSpec
 
@@ -283,6 +315,8 @@ def test_submit_wait_records_every_trial_in_mlflow(embedded, synthetic_dir):
     logs = run_cli(["logs", job], home=embedded.home)
     assert logs.exit_code == 0 and "[v0-cosine-s1] epoch 2/2" in logs.output
     assert logs.stdout in result.stdout  # --wait printed the whole log, once
+    # ... which ends with the driver's last line, written after its Ray connection closed: nothing after it
+    assert logs.stdout.rstrip("\n").splitlines()[-1] == f"mnistjobs sweep {job}: ended SUCCEEDED", logs.stdout[-500:]
     # --follow of a job that has ended prints its whole log (the same text), then its state.
     follow = run_cli(["logs", job, "--follow"], home=embedded.home)
     assert follow.exit_code == 0, follow.output
