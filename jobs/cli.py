@@ -129,7 +129,9 @@ def _follow(client, cluster, job_id, logical_id=None, *, full: bool = False):
 
     outcome: dict[str, str] = {}
     with service_errors():
-        lines = jc.readable(jc.follow_log(client, job_id), full=full)
+        local = jc.local_log_file(cluster, job_id)  # the embedded cluster: read the file, at once
+        lines = jc.readable(jc.follow_file(local, client, job_id) if local else jc.follow_log(client, job_id),
+                            full=full)
         for chunk in jc.until_done(lines, logical_id or job_id, outcome):
             click.echo(chunk, nl=False)
         lines.close()  # the log's stream with it, at once

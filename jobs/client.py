@@ -382,6 +382,73 @@ def _tail(client: "JobSubmissionClient", job_id: str) -> Iterator[str]:
             loop.close()
 
 
+#: How often a local driver log is read for new lines (follow_file).
+LOCAL_TAIL_PAUSE_S = 0.1
+
+
+def local_log_file(cluster: "Cluster", job_id: str):
+    """Where the driver log of ``job_id`` is on this machine, on the embedded cluster only (it runs
+    here): ``<Ray's session folder>/logs/job-driver-<id>.log``, the file Ray's job API serves (it
+    appears when the driver starts). None for any other cluster."""
+    services = getattr(cluster, "services", None)
+    if not cluster.embedded or services is None or not getattr(services, "temp_dir", None):
+        return None
+    from pathlib import Path
+
+    from ray.dashboard.modules.job.common import JOB_LOGS_PATH_TEMPLATE
+
+    return Path(services.temp_dir) / "session_latest" / "logs" / JOB_LOGS_PATH_TEMPLATE.format(submission_id=job_id)
+
+
+def follow_file(path, client: "JobSubmissionClient", job_id: str, *, pause: float = LOCAL_TAIL_PAUSE_S,
+                status_every: float = 1.0) -> Iterator[str]:
+    """The job's log read from its file on this machine (``local_log_file``), from its start, yielded
+    as it grows (looked at every ``pause`` s), until the job ends. Ray's log stream reads the same
+    file but looks for new lines once a second, and its job API passes them on after up to another
+    second, so a line reached a follower up to 2 s after the driver wrote it. While nothing new comes,
+    the job's state is asked every ``status_every`` s; once it has ended, the rest is read: from the
+    file, or where it never appeared (a job that ended before its driver started, or ran under an
+    earlier session of the services) from the job API, once."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two reads
+    f = None
+    checked = time.monotonic()
+    try:
+        while True:
+            if f is None and path.is_file():
+                f = open(path, "rb")
+            data = f.read() if f is not None else b""
+            if data:
+                yield decoder.decode(data)
+                continue
+            if time.monotonic() - checked >= status_every:
+                checked = time.monotonic()
+                try:
+                    ended = has_ended(client.get_job_info(job_id))
+                except RuntimeError as exc:
+                    raise JobClientError(f"Cannot read job {job_id}: {exc}") from None
+                if ended:
+                    if f is None and path.is_file():
+                        f = open(path, "rb")
+                    if f is None:
+                        try:
+                            text = client.get_job_logs(job_id)
+                        except RuntimeError:
+                            text = ""
+                        if text:
+                            yield text
+                        return
+                    rest = decoder.decode(f.read(), final=True)
+                    if rest:
+                        yield rest
+                    return
+            time.sleep(pause)
+    finally:
+        if f is not None:
+            f.close()
+
+
 def follow_log(client: "JobSubmissionClient", job_id: str, *, reconnects: int = 3,
                pause: float = 1.0) -> Iterator[str]:
     """The job's log from its start, yielded as it grows, until the job ends.

@@ -125,6 +125,59 @@ def test_the_log_filter_drops_traceback_lines_split_across_chunks():
     assert "".join(readable(chunks, full=True)) == "".join(chunks)
 
 
+class _FileJob:
+    """A job whose driver writes its log file in a thread (the embedded cluster's local log)."""
+
+    def __init__(self, path, parts):
+        self.path, self.parts, self.status, self.asked = path, parts, "PENDING", 0
+
+    def write(self):
+        import time
+
+        time.sleep(0.05)  # the file appears once the driver started
+        self.status = "RUNNING"
+        with open(self.path, "wb") as f:
+            for part in self.parts:
+                f.write(part)
+                f.flush()
+                time.sleep(0.05)
+        self.status = "SUCCEEDED"
+
+    def get_job_info(self, job_id):
+        self.asked += 1
+        return SimpleNamespace(status=self.status)
+
+    def get_job_logs(self, job_id):
+        raise AssertionError("the file was there: the job API's log is not read")
+
+
+def test_following_the_local_log_file_reads_it_whole_as_it_grows(tmp_path):
+    import threading
+
+    from jobs.client import follow_file
+
+    euro = "€".encode()  # one character whose bytes land in two writes
+    job = _FileJob(tmp_path / "job-driver-mj-1.log", [b"line 1\n", b"price 3" + euro[:1], euro[1:] + b"\n", b"end"])
+    writer = threading.Thread(target=job.write)
+    writer.start()
+    text = "".join(follow_file(job.path, job, "mj-1", pause=0.01, status_every=0.02))
+    writer.join()
+    assert text == "line 1\nprice 3€\nend" and job.asked >= 1
+
+
+def test_following_a_local_log_that_never_appeared_reads_the_job_api(tmp_path):
+    from jobs.client import follow_file
+
+    class Ended:
+        def get_job_info(self, job_id):
+            return SimpleNamespace(status="FAILED")
+
+        def get_job_logs(self, job_id):
+            return "runtime_env setup failed\n"
+
+    assert "".join(follow_file(tmp_path / "none.log", Ended(), "mj-1", status_every=0)) == "runtime_env setup failed\n"
+
+
 def test_following_stops_at_the_drivers_last_line():
     from jobs.client import readable, until_done
     from jobs.contract import DONE_LINE
