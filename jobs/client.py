@@ -389,13 +389,17 @@ LOCAL_TAIL_PAUSE_S = 0.1
 def local_log_file(cluster: "Cluster", job_id: str):
     """Where the driver log of ``job_id`` is on this machine, on the embedded cluster only (it runs
     here): ``<Ray's session folder>/logs/job-driver-<id>.log``, the file Ray's job API serves (it
-    appears when the driver starts). None for any other cluster."""
+    appears when the driver starts). None for any other cluster, or a Ray that no longer names its
+    job logs so (then the log comes over Ray's websocket, as for any cluster)."""
     services = getattr(cluster, "services", None)
     if not cluster.embedded or services is None or not getattr(services, "temp_dir", None):
         return None
     from pathlib import Path
 
-    from ray.dashboard.modules.job.common import JOB_LOGS_PATH_TEMPLATE
+    try:
+        from ray.dashboard.modules.job.common import JOB_LOGS_PATH_TEMPLATE
+    except ImportError:  # pragma: no cover - another Ray's layout
+        return None
 
     return Path(services.temp_dir) / "session_latest" / "logs" / JOB_LOGS_PATH_TEMPLATE.format(submission_id=job_id)
 
