@@ -106,11 +106,21 @@ def port_is_free(port: int, host: str = DEFAULT_HOST) -> bool:
     return True
 
 
+#: The ports free_port handed out in this process: the OS may offer a port again as soon as its probe
+#: socket closed, and two components of one `ray start` given the same port fail it ("Ray component
+#: dashboard_agent_http is trying to use a port number ... that is used by other components").
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port nobody listens on now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now (the OS picks it), never one this process was given before."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _choose_port(name: str, explicit: int | None, default: int, host: str, previous: int | None = None) -> int:

@@ -41,3 +41,10 @@ def test_the_console_script_keeps_the_exit_codes():
     assert bad.returncode == 2 and "v9" in bad.stderr and bad.stdout == "", (bad.stdout, bad.stderr)
     usage = subprocess.run([*run, "submit", "--no-such-option"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and "No such option" in usage.stderr
+
+
+def test_free_ports_of_one_process_are_all_different():
+    from jobs.services import free_port
+
+    ports = [free_port() for _ in range(200)]  # the OS offered the same one twice in CI's ray start
+    assert len(set(ports)) == len(ports)
