@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 from jobs.state import HOME_VAR, resolve_home
-from mnistnets.data import MNIST, MNIST_FILES, DataError, check_mnist, ensure_downloaded, has_mnist, load_mnist
+from mnistnets.data import (MNIST, MNIST_FILES, DataError, check_mnist, ensure_downloaded, has_mnist, load_mnist,
+                            locate_mnist)
 
 DATA_VAR = "MNISTJOBS_DATA_DIR"
 DATA_OPTION = "--data-dir"
@@ -109,6 +110,16 @@ def load_data(data_dir=None, home=None, *, train_limit: int | None = None, test_
     folder = resolve_data_dir(data_dir, home=home, download=download)
     with hinted():
         return load_mnist(folder, train_limit, test_limit)
+
+
+def find_data(data_dir=None, home=None, *, download: bool = True) -> Path:
+    """``resolve_data_dir``, then the four files found in it (``locate_mnist``: not read, no
+    torch); every DataError names the option and variable to change. What the job's driver checks
+    before it starts any trial (`mnistjobs submit` on the embedded cluster loads them in full)."""
+    folder = resolve_data_dir(data_dir, home=home, download=download)
+    with hinted():
+        locate_mnist(folder)
+    return folder
 
 
 def check_data(data_dir=None, home=None) -> dict:

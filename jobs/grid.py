@@ -20,7 +20,7 @@ NOT_SETTINGS = (NAMING_KEY, "job")
 
 
 def recipe_schedule(model: str) -> str:
-    from mnistnets.train import recipe_for
+    from mnistnets.config import recipe_for
 
     return recipe_for(model).schedule
 
@@ -29,7 +29,7 @@ def trial_config(config: dict[str, Any]):
     """The TrainConfig of one point of the grid (a Tune trial's ``config``): the model's recipe
     (``recipe_for``) with the point's settings on top; not validated (``fit`` and ``validate``
     do). Keys that are not training settings (the naming, the driver's ``job``) are left out."""
-    from mnistnets.train import recipe_for
+    from mnistnets.config import recipe_for
 
     settings = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
     model = settings.pop("model")

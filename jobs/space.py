@@ -24,7 +24,8 @@ dropout in [0, 1), batch_size an integer >= 1, ...; a range is an interval, so b
 mean every sampled value is), a loguniform bound <= 0, and items that repeat or that the setting
 refuses (an unknown optimizer, a bad schedule spec).
 
-Pure: no Ray import unless :func:`to_tune` is called; mnistnets only for the schedule and
+Pure: no Ray import unless :func:`to_tune` is called, and no torch; mnistnets (its torch-free
+``config`` and schedule parser) for the schedule and
 optimizer names (imported when a space is validated, as ``jobs.spec`` does).
 """
 from __future__ import annotations
@@ -34,9 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-#: float32's largest value / 10: mnistnets.train.MAX_LR, the largest lr a run accepts (repeated
-#: here so that parsing a space needs no torch; tests/test_space.py checks that they agree).
-MAX_LR = 3.4028234663852886e38 / 10
+from mnistnets.config import MAX_LR  # float32's largest value / 10: the largest lr a run accepts (no torch)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 RANGE_KINDS = ("uniform", "loguniform", "randint")   # two bounds
@@ -313,12 +312,12 @@ def _check_value(key: str, value: Any, typ: str, where: str, epochs: int | None)
     if typ == _BOOL:
         return
     if key == "optimizer":
-        from mnistnets.train import OPTIMIZERS
+        from mnistnets.config import OPTIMIZERS
 
         if value not in OPTIMIZERS:
             raise SpaceError(f"{where}: unknown optimizer {value!r}; valid: {', '.join(OPTIMIZERS)}")
     elif key == "tta":
-        from mnistnets.evaluate import TTA_VIEWS
+        from mnistnets.config import TTA_VIEWS
 
         if value not in TTA_VIEWS:
             raise SpaceError(f"{where}: unknown tta {value!r}; valid: {', '.join(TTA_VIEWS)}")

@@ -137,9 +137,9 @@ def split_models(values: str | Iterable[str] | None) -> list[str]:
             if not name:
                 continue
             if name.lower() == "all":
-                from mnistnets import list_models
+                from mnistnets.config import MODEL_NAMES
 
-                names.extend(list_models())
+                names.extend(MODEL_NAMES)
             else:
                 names.append(name)
     return list(dict.fromkeys(names))  # keep order, drop repeats
@@ -255,12 +255,18 @@ class SweepSpec:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self) -> "SweepSpec":
-        """Raise SpecError for anything that would make a trial fail before it trains."""
+    def validate(self, *, deep: bool = True) -> "SweepSpec":
+        """Raise SpecError for anything that would make a trial fail before it trains.
+
+        ``deep=False`` leaves out the one check that imports torch: building each trial's schedule
+        and stepping it through the run (``TrainConfig.validate(check_schedule=False)``); every
+        other check runs, and the spec is normalised the same way. `mnistjobs submit` validates
+        deep (the schedules in a child process while it connects: ``jobs.cli``); the job's driver,
+        which never trains, checks shallow and so imports no torch."""
         self._validate_search()
         self._validate_axes()
         self._validate_settings()
-        self._validate_trials()
+        self._validate_trials(deep=deep)
         return self
 
     # ------------------------------------------------------------------ the search (issue 14)
@@ -277,7 +283,7 @@ class SweepSpec:
         """--search, --num-samples, --search-seed, --metric, --mode, --scheduler, --grace-period,
         --reduction-factor and the space itself (jobs.space.parse_space: keys, distributions,
         bounds); what the space must fit (the axes, the fixed settings) is checked with the axes."""
-        from mnistnets.train import is_number
+        from mnistnets.config import is_number
 
         if not isinstance(self.search, str) or self.search.strip().lower() not in _search.SEARCHES:
             raise SpecError(f"--search must be one of {', '.join(_search.SEARCHES)}, not {_brief.repr(self.search)}.")
@@ -395,10 +401,10 @@ class SweepSpec:
     def _validate_axes(self) -> None:
         """The models, the schedules, the seeds and the ``train:`` lists; then the number of
         trials (from the axes' lengths: nothing is built yet), then each schedule."""
-        from mnistnets import list_models
+        from mnistnets.config import MODEL_NAMES
         from mnistnets.schedules import ScheduleError, parse_schedule
 
-        valid_models = list_models()
+        valid_models = list(MODEL_NAMES)
         self.models = split_models(self.models)
         if not self.models:
             raise SpecError(f"No model given; choose from {', '.join(valid_models)} or 'all' (--models).")
@@ -473,7 +479,7 @@ class SweepSpec:
 
     def _validate_settings(self) -> None:
         """The settings every trial shares, and where it runs."""
-        from mnistnets.train import OPTIMIZERS, is_number
+        from mnistnets.config import OPTIMIZERS, is_number
 
         self._check_int("epochs", 1, "--epochs", maximum=MAX_EPOCHS)
         if self.batch_size is not None:
@@ -518,7 +524,7 @@ class SweepSpec:
             raise SpecError(f"train: {', '.join(clash)} {'is a sweep setting' if len(clash) == 1 else 'are sweep settings'}; "
                             f"set {'it' if len(clash) == 1 else 'them'} at the top level.")
 
-    def _validate_trials(self) -> None:
+    def _validate_trials(self, *, deep: bool = True) -> None:
         """Every trial's TrainConfig, before anything starts. Under a search each point of the
         grid is checked with each sampled setting at its first value (a range's low bound, a
         choice's first item), and each model's first point with every other bound and item too:
@@ -540,7 +546,7 @@ class SweepSpec:
             raise SpecError(f"train: {e}.") from None
         for name, config, point, key in configs:
             try:
-                config.validate()
+                config.validate(check_schedule=deep)
             except ValueError as e:
                 if not sampled:
                     raise SpecError(f"Trial {name}: {e}.") from None
@@ -789,7 +795,7 @@ def format_trial_table(spec: SweepSpec, gpus: float | None = None, trials=None) 
     """The dry-run table: one line per trial (``trials``: ``[(name, point), ...]``, e.g. a seeded
     random search's configs from ``jobs.search.sample_configs``; default: the spec's grid points,
     under a search without the settings it samples)."""
-    from mnistnets.train import TrainConfig
+    from mnistnets.config import TrainConfig
 
     if trials is not None:
         trials = [(name, trial_config(point).to_dict()) for name, point in trials]
@@ -816,6 +822,6 @@ _TABLE_COLUMNS = {"model", "seed", "epochs", "batch_size", "schedule", "device",
 def _other_settings(config: dict, shared: dict) -> str:
     """A trial's settings that differ from the ``shared`` defaults (TrainConfig's), e.g. "lr 0.3, ema
     0.999" (the model's recipe and what the sweep sets), so the dry run shows what each trial will run."""
-    from mnistnets.train import settings_text
+    from mnistnets.config import settings_text
 
     return settings_text({k: v for k, v in config.items() if k not in _TABLE_COLUMNS and shared.get(k) != v})

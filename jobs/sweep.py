@@ -341,10 +341,10 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     import ray
 
     from jobs import tracking
-    from jobs.datadir import load_data
+    from jobs.datadir import find_data
     from mnistnets.data import DataError
 
-    startup_mark("driver: tracking, datadir (torch), mnistnets imported")
+    startup_mark("driver: tracking, datadir, mnistnets.data imported")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         print("MLFLOW_TRACKING_URI is not set for this job; `mnistjobs submit` sets it.", file=sys.stderr)
@@ -391,7 +391,7 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init(), which installs its own
 
     try:
-        load_data(spec.data_dir, train_limit=1, test_limit=1)
+        find_data(spec.data_dir)  # the four files are there (each trial reads and checks them)
     except DataError as e:
         print(f"mnistjobs sweep {job_id}: {e}", file=sys.stderr, flush=True)
         mlf.set_tag(sweep_run.run_id, TAG_QUEUE_STATE, queue.ENDED)
@@ -409,6 +409,7 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     startup_mark("driver: tuner built, Tuner.fit()")
     start = time.perf_counter()
     results = tuner.fit()
+    startup_mark("driver: Tuner.fit() returned")
     errors = results.num_errors
     # Trials that finished (or were stopped on purpose) closed their runs; any still RUNNING
     # failed for good.
@@ -418,9 +419,12 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     # A diverged trial is an outcome of its recipe (in a search, of the space), not a failure
     # of the job: the job fails when every trial diverged.
     ok = errors == 0 and failed == 0 and (diverged == 0 or diverged < len(results))
+    startup_mark("driver: trial runs read")
     finish_summary(mlf, spec, job_id, experiment_id, sweep_run.run_id, trial_runs)
+    startup_mark("driver: summary logged, best models registered")
     mlf.set_tag(sweep_run.run_id, TAG_QUEUE_STATE, queue.ENDED)
     sweep_run.finish("FINISHED" if ok else "FAILED")
+    startup_mark("driver: parent run closed")
     stopped = sum(r.data.tags.get(TAG_STOPPED_EARLY) == "true" for r in trial_runs)
     print(f"mnistjobs sweep {job_id}: {len(results)} trial{'s' if len(results) != 1 else ''}, {errors} failed, "
           + (f"{diverged} diverged, " if diverged else "")
@@ -539,7 +543,8 @@ def run(args: argparse.Namespace) -> int:
 
     text = Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec
     try:
-        spec = SweepSpec.from_json(text).validate()
+        # shallow: no torch in the driver (submit checked the schedules by stepping them)
+        spec = SweepSpec.from_json(text).validate(deep=False)
     except SpecError as e:
         print(f"bad sweep spec: {e}", file=sys.stderr)
         return 2
@@ -561,4 +566,5 @@ if __name__ == "__main__":
     import ray as _ray
 
     _ray.shutdown()
+    startup_mark("driver: ray.shutdown() done")
     fast_exit(_code, last_words=done_line(_args.job_id, _code))

@@ -12,14 +12,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .config import TTA_VIEWS
 from .data import MNIST_MEAN, MNIST_STD, DeviceLoader
-
-#: Test-time augmentation: the test image plus its one-pixel shifts (background fill); the
-#: prediction is the mean of the views' probabilities. "shift4": left/right/up/down, "shift8": and
-#: the four diagonals.
-TTA_VIEWS = {"none": ((0, 0),),
-             "shift4": ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0)),
-             "shift8": ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))}
 
 
 class WeightEMA:

@@ -12,6 +12,10 @@ front of it. Whether a schedule steps per batch or per epoch is its own
 business: the trainer calls ``step_batch()`` after every batch and
 ``step_epoch(metric)`` after every epoch, and the wrapper decides which one
 moves the learning rate.
+
+Parsing a spec (``parse_schedule``, ``list_schedules``, ``SCHEDULES``) needs no torch: torch is
+imported when a schedule is built or checked, so that validating a sweep's specs does not pay for
+it (``mnistnets.config``).
 """
 from __future__ import annotations
 
@@ -20,8 +24,13 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-from torch.optim import lr_scheduler
+
+
+def _torch_schedulers():
+    """``torch.optim.lr_scheduler``, imported on first use (parsing a spec needs no torch)."""
+    from torch.optim import lr_scheduler
+
+    return lr_scheduler
 
 
 class ScheduleError(ValueError):
@@ -90,7 +99,7 @@ def _onecycle(opt, epochs, steps, max_lr=None, pct_start=ONECYCLE_PCT_START, div
     if max_lr is None:
         max_lr = [g["lr"] for g in opt.param_groups]
     total_steps = max(1, epochs * steps)
-    return lr_scheduler.OneCycleLR(
+    return _torch_schedulers().OneCycleLR(
         opt, max_lr=max_lr, total_steps=total_steps,
         pct_start=_onecycle_pct_start(float(pct_start), total_steps, bool(three_phase)),
         div_factor=div_factor, final_div_factor=final_div_factor, anneal_strategy=anneal,
@@ -98,24 +107,24 @@ def _onecycle(opt, epochs, steps, max_lr=None, pct_start=ONECYCLE_PCT_START, div
 
 
 def _cosine(opt, epochs, steps, eta_min=0.0):
-    return lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps), eta_min=eta_min)
+    return _torch_schedulers().CosineAnnealingLR(opt, T_max=max(1, epochs * steps), eta_min=eta_min)
 
 
 def _step(opt, epochs, steps, step_size=6, gamma=0.1):
-    return lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
+    return _torch_schedulers().StepLR(opt, step_size=step_size, gamma=gamma)
 
 
 def _multistep(opt, epochs, steps, milestones="5/10", gamma=0.1):
-    return lr_scheduler.MultiStepLR(opt, milestones=_parse_milestones(milestones), gamma=gamma)
+    return _torch_schedulers().MultiStepLR(opt, milestones=_parse_milestones(milestones), gamma=gamma)
 
 
 def _exponential(opt, epochs, steps, gamma=0.8):
-    return lr_scheduler.ExponentialLR(opt, gamma=gamma)
+    return _torch_schedulers().ExponentialLR(opt, gamma=gamma)
 
 
 def _plateau(opt, epochs, steps, factor=0.1, patience=2, threshold=1e-4, min_lr=0.0):
-    return lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=factor, patience=patience,
-                                          threshold=threshold, min_lr=min_lr)
+    return _torch_schedulers().ReduceLROnPlateau(opt, mode="min", factor=factor, patience=patience,
+                                                 threshold=threshold, min_lr=min_lr)
 
 
 def _constant(opt, epochs, steps):
@@ -230,7 +239,7 @@ def parse_schedule(spec: str) -> tuple[str, dict[str, Any]]:
 class Scheduler:
     """One optimizer's schedule: the trainer calls step_batch() and step_epoch()."""
 
-    def __init__(self, spec: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
+    def __init__(self, spec: str, optimizer: "torch.optim.Optimizer", epochs: int, steps_per_epoch: int):
         self.spec = spec
         self.name, options = parse_schedule(spec)
         kind = SCHEDULES[self.name]
@@ -249,6 +258,9 @@ class Scheduler:
             self.main = kind.build(optimizer, main_epochs, main_steps, **options)
         except (ValueError, TypeError) as exc:
             raise ScheduleError(f"schedule {spec!r}: {exc}") from None
+        lrs = _torch_schedulers()
+        self._one_cycle = isinstance(self.main, lrs.OneCycleLR)
+        self._plateau = isinstance(self.main, lrs.ReduceLROnPlateau)
         self.target_lrs = [g["lr"] for g in optimizer.param_groups]
         self.batches = 0
         if self.warmup_steps:
@@ -273,7 +285,7 @@ class Scheduler:
                 group["lr"] = target
             return
         if self.per_batch and self.main is not None:
-            if (isinstance(self.main, lr_scheduler.OneCycleLR)
+            if (self._one_cycle
                     and self.main.last_epoch >= self.main.total_steps - 1):
                 # The run's last batch used the cycle's last lr (its minimum); stepping once more
                 # would extrapolate past the cycle's end (below min_lr, even negative with
@@ -284,7 +296,7 @@ class Scheduler:
     def step_epoch(self, metric: float | None = None) -> None:
         if self.per_batch or self.main is None or self.in_warmup:
             return
-        if isinstance(self.main, lr_scheduler.ReduceLROnPlateau):
+        if self._plateau:
             self.main.step(metric if metric is not None else 0.0)
         else:
             self.main.step()
@@ -303,7 +315,7 @@ class Scheduler:
             self.main.load_state_dict(state["main"])
 
 
-def build_scheduler(spec: str, optimizer: torch.optim.Optimizer, epochs: int,
+def build_scheduler(spec: str, optimizer: "torch.optim.Optimizer", epochs: int,
                     steps_per_epoch: int) -> Scheduler:
     return Scheduler(spec, optimizer, epochs, steps_per_epoch)
 
@@ -320,10 +332,12 @@ CHECK_PREFIX_BATCHES = 4_000
 #: lr torch's closed form gives it (the lr stepping would reach, to within float rounding).
 CHECK_SAMPLES = 512
 
-#: torch schedulers whose lr at step k has a closed form (OneCycleLR's get_lr reads its step
-#: number; the others have _get_closed_form_lr). Exact types: a subclass may compute otherwise.
-_CLOSED_FORM = (lr_scheduler.CosineAnnealingLR, lr_scheduler.StepLR, lr_scheduler.MultiStepLR,
-                lr_scheduler.ExponentialLR)
+
+def _closed_form() -> tuple:
+    """torch schedulers whose lr at step k has a closed form (OneCycleLR's get_lr reads its step
+    number; the others have _get_closed_form_lr). Exact types: a subclass may compute otherwise."""
+    lrs = _torch_schedulers()
+    return (lrs.CosineAnnealingLR, lrs.StepLR, lrs.MultiStepLR, lrs.ExponentialLR)
 
 
 def check_schedule(spec: str, *, lr: float, epochs: int, steps_per_epoch: int) -> None:
@@ -381,6 +395,8 @@ def check_schedule(spec: str, *, lr: float, epochs: int, steps_per_epoch: int) -
 
 
 def _throwaway(spec: str, lr: float, epochs: int, steps_per_epoch: int) -> Scheduler:
+    import torch
+
     from .optim import SGD  # torch's SGD without the first torch._dynamo import (mnistnets.optim)
 
     optimizer = SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(lr))
@@ -415,6 +431,7 @@ def lr_at(sched: Scheduler, batch: int) -> float | None:
     main = sched.main
     if main is None:
         return target
+    lr_scheduler = _torch_schedulers()
     if sched.per_batch:  # stepped once per batch after the warmup's last (the hand-over is not one)
         k = batch - warmup
         if type(main) is lr_scheduler.OneCycleLR:
@@ -425,7 +442,7 @@ def lr_at(sched: Scheduler, batch: int) -> float | None:
     else:  # stepped at the end of each epoch out of the warmup
         steps = sched.steps_per_epoch
         k = max(0, batch // steps - _first_counted_epoch(sched, steps) + 1)
-    if type(main) in _CLOSED_FORM:
+    if type(main) in _closed_form():
         main.last_epoch = k
         return float(main._get_closed_form_lr()[0])
     return None
@@ -439,6 +456,7 @@ def _representative_batches(sched: Scheduler, epochs: int, steps_per_epoch: int)
     warmup = sched.warmup_steps
     picks.update(range(warmup - 2, warmup + 3))  # the warmup's end and the hand-over
     main = sched.main
+    lr_scheduler = _torch_schedulers()
     if sched.per_batch and type(main) is lr_scheduler.OneCycleLR:
         for phase in main._schedule_phases:  # the phases' ends, as torch computes them
             end = warmup + math.floor(phase["end_step"])

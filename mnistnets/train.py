@@ -12,12 +12,10 @@ Checkpoints are in ``mnistnets.checkpoints``, scoring (EMA, TTA) in
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
-import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -26,9 +24,11 @@ import torch.nn.functional as F
 from .checkpoints import (CHECKPOINT_VERSION, CheckpointError, check_resumable, load_checkpoint,
                           prepare_checkpoint_dir, save_checkpoint)
 from .data import MNIST, AugmentConfig, DeviceLoader, load_mnist
-from .evaluate import TTA_VIEWS, WeightEMA, evaluate, evaluate_tta, shift_images
-from .models import create_model, list_models
-from .schedules import Scheduler, build_scheduler, check_schedule
+from .config import (MAX_LR, MODEL_RECIPES, OPTIMIZERS, TTA_VIEWS, TrainConfig, is_number, recipe_for,
+                     settings_text)
+from .evaluate import WeightEMA, evaluate, evaluate_tta, shift_images
+from .models import create_model
+from .schedules import Scheduler, build_scheduler
 from .seeds import dropout_seed
 
 __all__ = [
@@ -37,14 +37,6 @@ __all__ = [
     "WeightEMA", "evaluate", "evaluate_tta", "shift_images", "CheckpointError", "save_checkpoint",
     "load_checkpoint", "prepare_checkpoint_dir", "check_resumable", "Diverged", "MAX_LR",
 ]
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-
-#: The largest lr (anywhere in the schedule) a run accepts. The weights are float32 and an optimizer
-#: step turns the lr into a float32 factor: SGD's at most 3.4e38, Adam's first step at 10 x lr (its
-#: bias correction 1 / (1 - 0.9)); above that torch fails in the middle of training
-#: ("value cannot be converted to type float without overflow"). Any lr near it diverges anyway.
-MAX_LR = float(torch.finfo(torch.float32).max) / 10
 
 
 class Diverged(RuntimeError):
@@ -58,170 +50,6 @@ class Diverged(RuntimeError):
     def __init__(self, epoch: int, reason: str):
         super().__init__(reason)
         self.epoch, self.reason = int(epoch), reason
-
-
-def is_number(value: Any) -> bool:
-    """A finite real number (int or float), not a bool: the one such check of mnistnets and jobs."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines one run. The defaults are the project's recipe."""
-
-    model: str = "v0"
-    epochs: int = 15
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.1  # the peak of the default onecycle schedule
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
-    schedule: str = "onecycle:pct_start=0.2"
-    augment: bool = True
-    rotation: float = 8.0
-    translate: float = 0.08
-    scale: float = 0.08
-    shear: float = 3.0
-    dropout: float | None = None
-    clean_epochs: int = 0   # the last N epochs train on un-augmented images
-    ema: float = 0.0        # decay of an exponential moving average of the weights (0: off);
-    #                         when on, test metrics and checkpoints' "model" come from the average
-    tta: str = "shift8"     # after the last epoch, also test with test-time augmentation (TTA_VIEWS)
-    seed: int = 1
-    device: str = "auto"
-    data_dir: str | None = None
-    train_limit: int | None = None
-    test_limit: int | None = None
-    eval_batch_size: int = 1000
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}; "
-                             f"valid settings: {', '.join(sorted(known))}")
-        return cls(**values)
-
-    def augment_config(self) -> AugmentConfig | None:
-        if not self.augment:
-            return None
-        return AugmentConfig(rotation=self.rotation, translate=self.translate,
-                             scale=self.scale, shear=self.shear)
-
-    def validate(self) -> "TrainConfig":
-        """Raise ValueError with a clear message for any bad setting."""
-        if self.model not in list_models():
-            raise ValueError(f"unknown model {self.model!r}; valid models: {', '.join(list_models())}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
-        if not isinstance(self.clean_epochs, int) or isinstance(self.clean_epochs, bool) \
-                or not 0 <= self.clean_epochs <= self.epochs:
-            raise ValueError(f"clean_epochs must be an integer from 0 to epochs ({self.epochs}), "
-                             f"not {self.clean_epochs!r}")
-        if not is_number(self.ema) or not 0 <= self.ema < 1:
-            raise ValueError(f"ema must be a decay in [0, 1) (0: off; e.g. 0.999), not {self.ema!r}")
-        if self.tta not in TTA_VIEWS:
-            raise ValueError(f"unknown tta {self.tta!r}; valid: {', '.join(TTA_VIEWS)}")
-        for name in ("train_limit", "test_limit"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1 (or unset), not {value!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-        for name in ("lr", "momentum", "weight_decay", "label_smoothing", "rotation",
-                     "translate", "scale", "shear"):
-            value = getattr(self, name)
-            if not is_number(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, not {self.lr!r}")
-        if self.label_smoothing >= 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing!r}")
-        if self.dropout is not None and (not is_number(self.dropout) or not 0 <= self.dropout < 1):
-            raise ValueError(f"dropout must be a number in [0, 1), not {self.dropout!r}")
-        for name in ("nesterov", "augment"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, not {self.seed!r}")
-        if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
-            raise ValueError(f"data_dir must be a folder path, not {self.data_dir!r}")
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        try:
-            self.augment_config()  # the warp's own limits (translate and scale < 1, shear < 90)
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("AugmentConfig.", "")) from None
-        if not isinstance(self.schedule, str):
-            raise ValueError(f"schedule must be a spec string such as 'onecycle', not {self.schedule!r}")
-        # Parse the spec (ScheduleError, a ValueError, names what is wrong), then build and step it
-        # through the whole run on a throwaway optimizer, so that a spec torch would refuse fails
-        # here, before any training (train set size: MNIST's 60,000).
-        n_train = min(self.train_limit or 60_000, 60_000)
-        _check_schedule(self.schedule, float(self.lr), self.epochs, math.ceil(n_train / self.batch_size))
-        what, peak = _peak_lr(self.schedule, float(self.lr))
-        if peak > MAX_LR:
-            raise ValueError(f"{what} is {peak:g}: more than float32 weights can take (an optimizer step at "
-                             f"that lr overflows); the largest lr accepted is {MAX_LR:.3g}, and lrs that train "
-                             f"MNIST are about 0.001 to 1")
-        return self
-
-
-def _peak_lr(schedule: str, lr: float) -> tuple[str, float]:
-    """(what sets it, the largest lr the schedule gives any batch) for a valid spec: the schedules
-    only lower the lr from its start, except onecycle (up to max_lr) and cosine (to eta_min)."""
-    from .schedules import parse_schedule
-
-    name, options = parse_schedule(schedule)
-    if name == "onecycle" and "max_lr" in options:
-        return f"max_lr of the schedule {schedule!r}", float(options["max_lr"])
-    if name == "cosine" and options.get("eta_min", 0.0) > lr:
-        return f"eta_min of the schedule {schedule!r}", float(options["eta_min"])
-    return "lr", lr
-
-
-@functools.lru_cache(maxsize=256)
-def _check_schedule(spec: str, lr: float, epochs: int, steps_per_epoch: int) -> None:
-    """check_schedule, once per distinct run shape (a sweep validates many trials that share one)."""
-    check_schedule(spec, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
-
-
-#: Each model's departures from TrainConfig's defaults. TrainConfig's defaults plus these are the
-#: model's default recipe: what `mnistjobs train` and `mnistjobs submit` run unless told otherwise.
-#: Found by sweeps through the service on the real data (README, "The default recipe"): v1 and v3
-#: reach 99.4% with the shared defaults; v0 (no dropout) needs more regularisation and batch 64
-#: (twice the steps), v2 (4,232 params) less regularisation, a higher peak and the last epochs
-#: un-augmented; both gain from weight EMA.
-MODEL_RECIPES: dict[str, dict[str, Any]] = {
-    "v0": {"batch_size": 64, "weight_decay": 5e-4, "label_smoothing": 0.05, "ema": 0.999},
-    "v2": {"lr": 0.3, "weight_decay": 5e-5, "dropout": 0.0, "clean_epochs": 2, "ema": 0.999},
-}
-
-
-def settings_text(settings: dict[str, Any]) -> str:
-    """Settings in one line for people, e.g. "lr 0.3, dropout 0, ema 0.999"."""
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
-
-
-def recipe_for(model: str, **settings: Any) -> TrainConfig:
-    """The default recipe of ``model`` (TrainConfig's defaults, then ``MODEL_RECIPES[model]``), with
-    ``settings`` given explicitly on top. Unknown settings raise ValueError; values are not validated.
-
-    A recipe's ``clean_epochs`` is capped at the run's epochs (``epochs=1`` trains v2 one clean
-    epoch instead of failing); an explicit ``clean_epochs`` is left for ``validate`` to judge."""
-    recipe = dict(MODEL_RECIPES.get(model, {}))
-    epochs = settings.get("epochs", recipe.get("epochs", TrainConfig.epochs))
-    if "clean_epochs" in recipe and "clean_epochs" not in settings and isinstance(epochs, int):
-        recipe["clean_epochs"] = max(0, min(recipe["clean_epochs"], epochs))
-    return TrainConfig.from_dict({**recipe, **settings, "model": model})
 
 
 def resolve_device(device: str = "auto") -> torch.device:

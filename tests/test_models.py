@@ -37,6 +37,9 @@ def test_registry_lists_exactly_the_four_seed_models():
     assert list_models() == MODELS
     assert sorted(MODEL_REGISTRY) == MODELS
     assert mnistnets.list_models() == MODELS
+    from mnistnets.config import MODEL_NAMES  # the torch-free names settings are checked against
+
+    assert list(MODEL_NAMES) == MODELS
     assert mnistnets.create_model is create_model
     assert mnistnets.count_parameters is count_parameters
 

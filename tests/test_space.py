@@ -133,9 +133,13 @@ def test_the_searchable_settings_are_trainconfigs_and_typed_like_it():
 
 
 def test_max_lr_is_the_trainers():
+    import torch
+
     from mnistnets.train import MAX_LR as TRAIN_MAX_LR
 
     assert MAX_LR == TRAIN_MAX_LR
+    # mnistnets.config writes float32's largest value as a literal (no torch import there)
+    assert TRAIN_MAX_LR == float(torch.finfo(torch.float32).max) / 10
 
 
 # Just inside and just outside each numeric setting's range, as parse_space judges a bound.

@@ -15,10 +15,12 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..files import write_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 # key -> standard file name (without .gz)
 MNIST_FILES = {
@@ -93,6 +95,8 @@ def _check_magic(data: bytes, path: Path, ndim: int | None, gz: str) -> None:
 
 def _parse_idx(data: bytes, path: Path, ndim: int | None = None) -> torch.Tensor:
     """Parse IDX bytes into a uint8 tensor, validating the header and the payload size."""
+    import torch  # here, not at the top: finding the files (locate_mnist) needs no torch
+
     name = path.name
     gz = " (after decompression)" if _is_gzip_file(path) else ""
     if len(data) < 4:
@@ -149,6 +153,8 @@ def read_idx(path, ndim: int | None = None) -> torch.Tensor:
 def write_idx(path, tensor) -> Path:
     """Write a uint8 tensor as an IDX file (atomically); gzip-compressed (reproducibly) when the
     name ends in .gz."""
+    import torch
+
     path = Path(path)
     t = torch.as_tensor(tensor)
     if t.dtype != torch.uint8:
@@ -243,6 +249,13 @@ def _locate(data_dir) -> dict[str, Path]:
     return found
 
 
+def locate_mnist(data_dir) -> dict[str, Path]:
+    """The paths of the four files in ``data_dir`` (or its torchvision layout), found without
+    reading them (no torch): a DataError names what is missing and where it looked. ``load_mnist``
+    and ``check_mnist`` read and check the files themselves."""
+    return _locate(data_dir)
+
+
 def _load_file(path: Path, ndim: int) -> tuple[torch.Tensor, bytes]:
     data = _read_bytes(path)
     t = _parse_idx(data, path, ndim)
@@ -321,6 +334,8 @@ def check_mnist(data_dir) -> dict:
             "known_md5": KNOWN_MD5[base],
             "md5_ok": md5 == KNOWN_MD5[base],
         }
+    import torch
+
     splits = {}
     for split in ("train", "test"):
         labels = loaded[f"{split}_labels"][0]

@@ -8,13 +8,13 @@ run would.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from ..config import check_augment
 from ..seeds import loader_seed
 
 MNIST_MEAN = 0.1307
@@ -35,16 +35,7 @@ class AugmentConfig:
     shear: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("rotation", "translate", "scale", "shear"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"AugmentConfig.{name} must be a number >= 0, got {v!r}")
-        if self.translate >= 1:
-            raise ValueError(f"AugmentConfig.translate is a fraction of the image side (< 1), got {self.translate}")
-        if self.scale >= 1:
-            raise ValueError(f"AugmentConfig.scale is a fraction (< 1), got {self.scale}")
-        if self.shear >= 90:
-            raise ValueError(f"AugmentConfig.shear must be < 90 degrees, got {self.shear}")
+        check_augment(self.rotation, self.translate, self.scale, self.shear)
 
     @property
     def enabled(self) -> bool:
