@@ -341,12 +341,20 @@ def submit(models, schedules, seeds, search, num_samples, search_seed, space, me
         "max_failures": max_failures, "experiment": experiment, "priority": priority, "register": register,
         "system_metrics_interval": system_metrics_interval, "search": search, "num_samples": num_samples,
         "search_seed": search_seed, "space": list(space) or None, "metric": metric, "mode": mode,
-        "scheduler": scheduler, "grace_period": grace_period, "reduction_factor": reduction_factor}, recipe,
-        home=home, dry_run=dry_run)
+        "scheduler": scheduler, "grace_period": grace_period, "reduction_factor": reduction_factor}, recipe)
     if dry_run:
+        _finish_checks(spec, address, home, dry_run=True)()
         click.echo(f"Dry run, nothing submitted. {spec.summary()}, experiment {spec.experiment!r}:")
         _echo_search_dry_run(spec)
         return
+    # The checks that need torch (each schedule stepped, the data read) run in a child process
+    # while this one imports Ray's and MLflow's clients; nothing is started or written before
+    # they passed.
+    checked = _finish_checks(spec, address, home, in_child=True)
+    startup_mark(f"submit: spec validated (torch-free), checks {'forked' if checked.in_child else 'done here'}")
+    _import_clients()
+    startup_mark("submit: Ray's and MLflow's clients imported")
+    checked()
     startup_mark("submit: spec validated, data checked")
     _check_tracking(address, tracking_uri, home)
     cluster, client = _connect(address, tracking_uri, home, start=True)
@@ -403,8 +411,9 @@ def _echo_job_links(cluster, job_id, spec) -> None:
 TRAIN_KEYS = ("lr", "momentum", "weight_decay", "label_smoothing", "dropout", "clean_epochs", "ema", "tta")
 
 
-def _spec_of(config_file, address, options: dict, recipe: dict, *, home=None, dry_run: bool = False):
-    """The sweep spec: the --config file, then the options; validated, its local data checked."""
+def _spec_of(config_file, address, options: dict, recipe: dict):
+    """The sweep spec: the --config file, then the options; validated but for the checks that need
+    torch (``SweepSpec.validate(deep=False)``: :func:`_finish_checks` does those)."""
     from jobs.spec import SpecError, SweepSpec
 
     train = {k: recipe[k] for k in TRAIN_KEYS if recipe.get(k) is not None}
@@ -414,21 +423,57 @@ def _spec_of(config_file, address, options: dict, recipe: dict, *, home=None, dr
         spec.update({**options, "train": train or None, **fields})
         if spec.data_dir and not address:
             spec.data_dir = str(Path(spec.data_dir).expanduser().resolve())
-        spec.validate()
+        spec.validate(deep=False)
     except SpecError as exc:
         raise UsageFailure(str(exc)) from None
-    if not address and (spec.data_dir or not dry_run):
-        # The embedded cluster is this machine: find (or download) the data now, before any
-        # service starts, and hand the job that folder. Offline with no data: exit 2 here.
-        from jobs.datadir import load_data, resolve_data_dir
-        from mnistnets.data import DataError
-
-        try:
-            spec.data_dir = str(resolve_data_dir(spec.data_dir, home=home))
-            load_data(spec.data_dir, train_limit=1, test_limit=1)
-        except DataError as exc:
-            raise UsageFailure(str(exc)) from None
     return spec
+
+
+def _finish_checks(spec, address, home, *, dry_run: bool = False, in_child: bool = False):
+    """The rest of ``spec``'s checks: every schedule built and stepped through its run
+    (``validate()``, torch), and on the embedded cluster the data found (or downloaded) and read
+    (``load_data``, torch). Returns ``done()``, which sets ``spec.data_dir`` to the folder found
+    or raises UsageFailure (exit 2) with what is wrong; with ``in_child`` the checks run in a
+    forked child process meanwhile (jobs.process.fork_call), else at once."""
+    from jobs.process import ChildFailed, fork_call
+    from jobs.spec import SpecError
+    from mnistnets.data import DataError
+
+    def checks():
+        spec.validate()
+        if not address and (spec.data_dir or not dry_run):
+            # The embedded cluster is this machine: find (or download) the data now, before any
+            # service starts, and hand the job that folder. Offline with no data: exit 2 here.
+            from jobs.datadir import load_data, resolve_data_dir
+
+            folder = str(resolve_data_dir(spec.data_dir, home=home))
+            load_data(folder, train_limit=1, test_limit=1)
+            return folder
+        return spec.data_dir
+
+    result = fork_call(checks, (SpecError, DataError)) if in_child else None
+    if result is None:
+        try:
+            folder = checks()
+        except (SpecError, DataError) as exc:
+            raise UsageFailure(str(exc)) from None
+        result = lambda: folder  # noqa: E731
+
+    def done() -> None:
+        try:
+            spec.data_dir = result()
+        except ChildFailed as exc:
+            raise UsageFailure(str(exc)) from None
+
+    done.in_child = getattr(result, "in_child", False)
+    return done
+
+
+def _import_clients() -> None:
+    """Import Ray's job client and MLflow's client (what `submit` uses next), for the time the
+    checks of :func:`_finish_checks` take in their child process."""
+    import ray.job_submission  # noqa: F401
+    from mlflow import MlflowClient  # noqa: F401
 
 
 def _check_tracking(address, tracking_uri, home) -> None:

@@ -1,5 +1,5 @@
-"""What every mnistjobs process shares about itself: when it started, the startup trace, and a
-fast exit.
+"""What every mnistjobs process shares about itself: when it started, the startup trace, a fast
+exit, and work done in a forked child while the process goes on (``fork_call``).
 
 Standard library only: the CLI, the sweep driver and the trial workers import it first.
 """
@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 #: Set (to anything) in the services' environment (`MNISTJOBS_STARTUP_TRACE=1 mnistjobs up`, or in
 #: `mnistjobs submit`'s): submit, the driver and the trials print ``[startup] <unix time> <what>``
@@ -77,3 +77,98 @@ def fast_exit(code: object = 0, last_words: str | None = None) -> NoReturn:
             except (OSError, ValueError, AttributeError):
                 pass
         os._exit(status)
+
+
+class ChildFailed(Exception):
+    """One of the expected errors of a :func:`fork_call` child: its message (``str``) and the
+    name of its type (``kind``)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def single_threaded() -> bool:
+    """True when this process runs one thread only, counted by the OS (/proc/self/task: C
+    libraries' threads too, e.g. torch's OpenMP pool), so that a fork cannot copy a lock another
+    thread holds. Where there is no /proc: one Python thread and no torch imported."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:  # pragma: no cover - no /proc (macOS)
+        return threading.active_count() == 1 and "torch" not in sys.modules
+
+
+def fork_call(fn: Callable[[], Any], expected: tuple[type[BaseException], ...] = ()) -> Callable[[], Any]:
+    """Run ``fn()`` in a forked child process while this one goes on (on a machine with two cores,
+    really at once: `mnistjobs submit` imports torch and steps the schedules there while it imports
+    Ray's and MLflow's clients here). Returns ``result()``, which waits for the child and returns
+    ``fn``'s value (sent back as JSON), raises :class:`ChildFailed` for an exception of the
+    ``expected`` types, and RuntimeError with the child's traceback for any other (or when the
+    child died without an answer); ``result.in_child`` says whether it was forked.
+
+    A child forked from a process with other threads can hang on a lock one of them held (torch's
+    thread pool does this), so ``fn`` is forked only while this process is :func:`single_threaded`
+    (a CLI command before it imported torch); otherwise, or where there is no fork, it runs here, at
+    once, with the same result."""
+    import json
+    import traceback
+
+    def answer() -> dict[str, Any]:
+        try:
+            return {"value": fn()}
+        except expected as exc:
+            return {"failed": str(exc), "kind": type(exc).__name__}
+        except BaseException:  # noqa: BLE001 - a bug: the parent raises it with the traceback
+            return {"crashed": traceback.format_exc()}
+
+    def settle(payload: dict[str, Any]) -> Any:
+        if "failed" in payload:
+            raise ChildFailed(payload["failed"], payload["kind"])
+        if "crashed" in payload:
+            raise RuntimeError(f"the checking process failed:\n{payload['crashed']}")
+        return payload["value"]
+
+    if not hasattr(os, "fork") or not single_threaded():
+        payload = answer()
+        try:
+            json.dumps(payload)
+        except (TypeError, ValueError) as exc:  # what the child could not send back either
+            payload = {"crashed": f"fork_call: {fn!r} returned what JSON cannot carry: {exc}"}
+
+        def here() -> Any:
+            return settle(payload)
+
+        here.in_child = False
+        return here
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+        stream.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer, then end without the parent's exit handlers
+        os.close(read_end)
+        status = 0
+        try:
+            text = json.dumps(answer())
+        except (TypeError, ValueError) as exc:  # a value JSON cannot carry
+            text = json.dumps({"crashed": f"fork_call: {fn!r} returned what JSON cannot carry: {exc}"})
+        try:
+            with os.fdopen(write_end, "w") as pipe:
+                pipe.write(text)
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+        except BaseException:  # noqa: BLE001 - the parent sees no answer and says so
+            status = 1
+        os._exit(status)
+    os.close(write_end)
+
+    def result() -> Any:
+        with os.fdopen(read_end) as pipe:
+            text = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if not text:
+            raise RuntimeError(f"the checking process (pid {pid}) ended without an answer "
+                               f"(wait status {status})")
+        return settle(json.loads(text))
+
+    result.in_child = True
+    return result

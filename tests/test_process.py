@@ -48,3 +48,147 @@ def test_free_ports_of_one_process_are_all_different():
 
     ports = [free_port() for _ in range(200)]  # the OS offered the same one twice in CI's ray start
     assert len(set(ports)) == len(ports)
+
+
+# ------------------------------------------------------------------------- fork_call (submit's checks)
+# Each in a fresh process: fork_call forks only a single-threaded process, and this test session's
+# may have threads (torch's pool) by the time these run.
+
+def _python(script: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_fork_call_runs_in_a_child_and_hands_back_values_errors_and_crashes():
+    proc = _python("""
+        import os
+        from jobs.process import ChildFailed, fork_call
+        from jobs.spec import SpecError
+
+        result = fork_call(lambda: {"pid": os.getpid(), "data_dir": "/data"})
+        assert result.in_child
+        value = result()
+        assert value["data_dir"] == "/data" and value["pid"] != os.getpid(), value
+
+        def bad_spec():
+            raise SpecError("Unknown model 'v9' (--models)")
+
+        try:
+            fork_call(bad_spec, (SpecError,))()
+        except ChildFailed as exc:
+            assert str(exc) == "Unknown model 'v9' (--models)" and exc.kind == "SpecError"
+        else:
+            raise AssertionError("no ChildFailed")
+        for fn, words in ((lambda: 1 / 0, "ZeroDivisionError"), (lambda: object(), "JSON cannot carry")):
+            try:
+                fork_call(fn, (SpecError,))()
+            except RuntimeError as exc:  # a bug, not a usage error: raised with the child's traceback
+                assert words in str(exc), exc
+            else:
+                raise AssertionError("no RuntimeError")
+        print("ok")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_fork_call_runs_here_when_another_thread_runs():
+    """A fork copies the locks other threads hold (a child forked after torch's thread pool started
+    hangs): with a second thread alive fork_call runs the function in this process."""
+    proc = _python("""
+        import os, threading
+        from jobs.process import fork_call, single_threaded
+
+        assert single_threaded()
+        stop = threading.Event()
+        threading.Thread(target=stop.wait).start()
+        assert not single_threaded()
+        result = fork_call(lambda: os.getpid())
+        assert not result.in_child and result() == os.getpid()
+        stop.set()
+        print("ok")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+#: cosine patched to an lr below 0 at the run's end: what only the stepping check sees (as a change
+#: in torch could make it); torch is imported in the schedule's builder, as in mnistnets.schedules.
+NEGATIVE_COSINE = """
+    import dataclasses
+    from mnistnets.schedules import SCHEDULES
+
+    def build(opt, epochs, steps, **kw):
+        from torch.optim import lr_scheduler
+
+        return lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps, eta_min=-0.05)
+
+    SCHEDULES["cosine"] = dataclasses.replace(SCHEDULES["cosine"], build=build)
+"""
+
+
+def test_submit_refuses_a_schedule_only_stepping_catches_and_creates_nothing(tmp_path, synthetic_dir):
+    """`submit` steps the schedules in a forked child while it imports Ray's and MLflow's clients:
+    a schedule that only the stepping check refuses still exits 2 with that check's message, and
+    nothing is created."""
+    home = tmp_path / "home"
+    proc = _python(NEGATIVE_COSINE + f"""
+    import sys
+    from jobs.cli import run
+
+    sys.argv = ["mnistjobs", "submit", "--models", "v2", "--schedules", "cosine", "--epochs", "1",
+                "--data-dir", {str(synthetic_dir)!r}, "--home", {str(home)!r}]
+    run()
+    """, env={"MNISTJOBS_STARTUP_TRACE": "1"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "checks forked" in output  # the check ran in the child
+    assert "Trial v2-cosine-s1" in output and "the lr would be -" in output
+    assert "Traceback" not in output
+    assert not home.exists()
+
+
+def test_the_drivers_checks_import_no_torch(synthetic_dir):
+    """The job's driver validates its spec shallow and only finds the data files: no torch (about
+    2 s of its start on a 2-core machine); the deep check is submit's."""
+    script = textwrap.dedent(f"""
+        import sys
+        from jobs.spec import SweepSpec
+        from jobs.datadir import find_data
+        import jobs.sweep  # the driver's module, Ray Tune and the trial function included
+        spec = SweepSpec.from_json(SweepSpec(models=["all"], schedules=["onecycle", "cosine:warmup=1"],
+                                             seeds=2).to_json()).validate(deep=False)
+        assert spec.trial_count() == 16
+        find_data({str(synthetic_dir)!r})
+        print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_shallow_validation_leaves_out_only_the_stepping(monkeypatch):
+    import dataclasses
+
+    from torch.optim import lr_scheduler
+
+    from jobs.spec import SpecError, SweepSpec
+    from mnistnets import config
+    from mnistnets.schedules import SCHEDULES
+
+    monkeypatch.setitem(SCHEDULES, "cosine", dataclasses.replace(
+        SCHEDULES["cosine"], build=lambda opt, epochs, steps, **kw: lr_scheduler.CosineAnnealingLR(
+            opt, T_max=epochs * steps, eta_min=-0.05)))
+    config._check_schedule.cache_clear()  # the checked run shapes: none yet with the patched cosine
+    try:
+        SweepSpec(models=["v2"], schedules=["cosine"], epochs=1).validate(deep=False)  # not stepped
+        with pytest.raises(SpecError, match="the lr would be -"):
+            SweepSpec(models=["v2"], schedules=["cosine"], epochs=1).validate()
+    finally:
+        config._check_schedule.cache_clear()
+    # everything else is checked either way
+    for deep in (False, True):
+        with pytest.raises(SpecError, match="no key 'peak'"):
+            SweepSpec(models=["v2"], schedules=["onecycle:peak=0.1"]).validate(deep=deep)
+        with pytest.raises(SpecError, match="more than float32"):
+            SweepSpec(models=["v2"], schedules=["onecycle:max_lr=1e308"]).validate(deep=deep)
