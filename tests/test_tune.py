@@ -125,6 +125,20 @@ def test_the_naming_travels_in_the_config():
     assert _trial_dirname(FakeTrial()) == "v3-onecycle2-s1_abc12_00001"
 
 
+def test_a_trials_data_is_read_in_a_thread_once_per_worker_and_its_errors_name_the_node(tmp_path, synthetic_dir):
+    """jobs.trial reads MNIST in a thread while the trial opens its MLflow run; the data comes back
+    (once per worker process), and a missing folder is the DataError that names the node."""
+    from jobs import trial
+    from mnistnets.data import DataError
+
+    first = trial._DataReader(str(synthetic_dir)).result("10.0.0.1/abc")
+    again = trial._DataReader(str(synthetic_dir)).result("10.0.0.1/abc")
+    assert first[0] == str(Path(synthetic_dir).resolve()) and len(first[1].train_labels) > 0
+    assert again[1] is first[1]  # the worker's copy
+    with pytest.raises(DataError, match=r"On Ray node 10\.0\.0\.1/abc: .*nowhere.*--data-dir"):
+        trial._DataReader(str(tmp_path / "nowhere")).result("10.0.0.1/abc")
+
+
 def test_stopped_tags():
     from jobs.trial import stopped_tags
 
