@@ -328,6 +328,11 @@ def _tune_environment() -> None:
     # train, finished already, diverged in its first epoch) ends with such a result. Its epochs are
     # in MLflow, where the search's outcome is judged (jobs.search.best_trial).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # No CSV, JSON and TensorBoard result files beside each trial: every metric is in MLflow, and
+    # nothing here reads them (no ExperimentAnalysis; `resume` restores Tune's own state). The
+    # TensorBoard logger imported tensorboardX, and with it torch, into the driver inside
+    # Tuner.fit(): about 1.5 s before Tune asked for the first trial's worker.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ray_job_id: str | None = None,

@@ -167,6 +167,27 @@ def test_the_drivers_checks_import_no_torch(synthetic_dir):
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
+def test_tune_in_the_driver_imports_no_torch():
+    """With the driver's Tune settings (jobs.sweep._tune_environment) Tuner.fit() adds none of
+    Tune's default result loggers, whose TensorBoard one imports tensorboardX and torch."""
+    proc = _python("""
+        import sys
+        import jobs.sweep
+        import ray
+        from ray import tune
+
+        jobs.sweep._tune_environment()
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+        results = tune.Tuner(lambda config: {"x": 1}, run_config=tune.RunConfig(verbose=0)).fit()
+        assert results.num_errors == 0 and len(results) == 1
+        ray.shutdown()
+        print(sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "tensorboardX"))))
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_shallow_validation_leaves_out_only_the_stepping(monkeypatch):
     import dataclasses
 
