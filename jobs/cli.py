@@ -451,6 +451,14 @@ def _finish_checks(spec, address, home, *, dry_run: bool = False, in_child: bool
             return folder
         return spec.data_dir
 
+    if not address and spec.data_dir:
+        # A folder given: that it holds the four files is known without torch, at once.
+        from jobs.datadir import find_data
+
+        try:
+            find_data(spec.data_dir, home=home, download=False)
+        except DataError as exc:
+            raise UsageFailure(str(exc)) from None
     result = fork_call(checks, (SpecError, DataError)) if in_child else None
     if result is None:
         try:

@@ -167,6 +167,24 @@ def test_the_drivers_checks_import_no_torch(synthetic_dir):
     assert proc.stdout.strip() == "[]"
 
 
+def test_submit_refuses_a_bad_spec_or_data_folder_before_it_imports_torch(tmp_path):
+    """What the torch-free checks refuse (an unknown model, a data folder that is not there) is
+    refused before torch is imported: the answer comes in a fraction of a second."""
+    proc = _python(f"""
+        import sys
+        from jobs.cli import main
+
+        for args in (["--models", "v9"], ["--data-dir", {str(tmp_path / "nowhere")!r}]):
+            try:
+                main.main(["submit", *args, "--home", {str(tmp_path / "home")!r}], standalone_mode=False)
+            except Exception as exc:
+                print(type(exc).__name__, "torch" in sys.modules)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["UsageFailure", "False", "UsageFailure", "False"], proc.stdout
+    assert not (tmp_path / "home").exists()
+
+
 @pytest.mark.slow
 def test_tune_in_the_driver_imports_no_torch():
     """With the driver's Tune settings (jobs.sweep._tune_environment) Tuner.fit() adds none of
