@@ -434,7 +434,7 @@ def _finish_checks(spec, address, home, *, dry_run: bool = False, in_child: bool
     (``validate()``, torch), and on the embedded cluster the data found (or downloaded) and read
     (``load_data``, torch). Returns ``done()``, which sets ``spec.data_dir`` to the folder found
     or raises UsageFailure (exit 2) with what is wrong; with ``in_child`` the checks run in a
-    forked child process meanwhile (jobs.process.fork_call), else at once."""
+    forked child process meanwhile (jobs.process.fork_call), else when ``done()`` is called."""
     from jobs.process import ChildFailed, fork_call
     from jobs.spec import SpecError
     from mnistnets.data import DataError
@@ -459,18 +459,12 @@ def _finish_checks(spec, address, home, *, dry_run: bool = False, in_child: bool
             find_data(spec.data_dir, home=home, download=False)
         except DataError as exc:
             raise UsageFailure(str(exc)) from None
-    result = fork_call(checks, (SpecError, DataError)) if in_child else None
-    if result is None:
-        try:
-            folder = checks()
-        except (SpecError, DataError) as exc:
-            raise UsageFailure(str(exc)) from None
-        result = lambda: folder  # noqa: E731
+    result = fork_call(checks, (SpecError, DataError)) if in_child else checks
 
     def done() -> None:
         try:
             spec.data_dir = result()
-        except ChildFailed as exc:
+        except (ChildFailed, SpecError, DataError) as exc:
             raise UsageFailure(str(exc)) from None
 
     done.in_child = getattr(result, "in_child", False)

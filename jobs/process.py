@@ -113,13 +113,18 @@ def fork_call(fn: Callable[[], Any], expected: tuple[type[BaseException], ...] =
     import json
     import traceback
 
-    def answer() -> dict[str, Any]:
+    def answer() -> str:
+        """``fn``'s outcome as the JSON text the child sends back (made here in either case)."""
         try:
-            return {"value": fn()}
+            payload = {"value": fn()}
         except expected as exc:
-            return {"failed": str(exc), "kind": type(exc).__name__}
+            payload = {"failed": str(exc), "kind": type(exc).__name__}
         except BaseException:  # noqa: BLE001 - a bug: the parent raises it with the traceback
-            return {"crashed": traceback.format_exc()}
+            payload = {"crashed": traceback.format_exc()}
+        try:
+            return json.dumps(payload)
+        except (TypeError, ValueError) as exc:  # a value JSON cannot carry
+            return json.dumps({"crashed": f"fork_call: {fn!r} returned what JSON cannot carry: {exc}"})
 
     def settle(payload: dict[str, Any]) -> Any:
         if "failed" in payload:
@@ -129,14 +134,10 @@ def fork_call(fn: Callable[[], Any], expected: tuple[type[BaseException], ...] =
         return payload["value"]
 
     if not hasattr(os, "fork") or not single_threaded():
-        payload = answer()
-        try:
-            json.dumps(payload)
-        except (TypeError, ValueError) as exc:  # what the child could not send back either
-            payload = {"crashed": f"fork_call: {fn!r} returned what JSON cannot carry: {exc}"}
+        text = answer()
 
         def here() -> Any:
-            return settle(payload)
+            return settle(json.loads(text))
 
         here.in_child = False
         return here
@@ -147,10 +148,7 @@ def fork_call(fn: Callable[[], Any], expected: tuple[type[BaseException], ...] =
     if pid == 0:  # the child: answer, then end without the parent's exit handlers
         os.close(read_end)
         status = 0
-        try:
-            text = json.dumps(answer())
-        except (TypeError, ValueError) as exc:  # a value JSON cannot carry
-            text = json.dumps({"crashed": f"fork_call: {fn!r} returned what JSON cannot carry: {exc}"})
+        text = answer()
         try:
             with os.fdopen(write_end, "w") as pipe:
                 pipe.write(text)
