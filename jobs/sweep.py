@@ -499,7 +499,7 @@ def finish_summary(mlf, spec, job_id: str, experiment_id: str, parent_run_id: st
         _set_tag_quietly(mlf, parent_run_id, TAG_REGISTERED, "off")
         return
     try:
-        registered = mm.register_best(mlf, experiment_id, job_id=job_id, log=lambda m: print(f"  registry: {m}", flush=True))
+        registered = mm.register_best(mlf, experiment_id, job_id=job_id, runs=trial_runs, log=lambda m: print(f"  registry: {m}", flush=True))
     except Exception as e:  # noqa: BLE001
         print(f"  note: registering the best trials failed: {' '.join(str(e).split())[:300]}", flush=True)
         return
