@@ -310,9 +310,6 @@ def _float(value) -> float | None:
         return None
 
 
-REGISTER_THREADS = 4  # architectures registered at once (register_best)
-
-
 def register_best(mlf_or_tracking_uri, experiment_id: str | None = None, *, job_id: str | None = None,
                   runs=None, prefix: str = REGISTERED_PREFIX, alias: str = BEST_ALIAS,
                   log=None) -> list[dict[str, Any]]:
@@ -338,10 +335,9 @@ def register_best(mlf_or_tracking_uri, experiment_id: str | None = None, *, job_
             raise ValueError("register_best needs experiment_id or runs")
         flt = job_filter(job_id, ROLE_TRIAL) if job_id else f"tags.`{TAG_ROLE}` = {quote(ROLE_TRIAL)}"
         runs = search_all(mlf, [experiment_id], flt + " and attributes.status = 'FINISHED'")
+    results = []
     candidates = sorted(runs, key=lambda r: (r.info.start_time or 0))
-    models = sorted({r.data.params.get("model") for r in candidates} - {None})
-
-    def register(model: str) -> dict[str, Any] | None:
+    for model in sorted({r.data.params.get("model") for r in candidates} - {None}):
         ranked = sorted((r for r in candidates if r.data.params.get("model") == model
                          and r.info.status == "FINISHED" and _final(r) is not None),
                         key=lambda r: -_final(r))  # stable: ties keep the earlier run first
@@ -353,7 +349,7 @@ def register_best(mlf_or_tracking_uri, experiment_id: str | None = None, *, job_
                 break
             log(f"{run.info.run_name} ({run.info.run_id}): no logged model, not registered")
         if chosen is None:
-            return None
+            continue
         name = registered_name(model, prefix)
         try:
             mlf.create_registered_model(name, description=f"mnistjobs {model}: the best trial of each "
@@ -368,24 +364,11 @@ def register_best(mlf_or_tracking_uri, experiment_id: str | None = None, *, job_
                                            tags=tags, model_id=model_id, await_creation_for=0)
         _wait_ready(mlf, name, version)
         top = set_best_alias(mlf, name, alias)
-        return {"model": model, "name": name, "version": version.version, "run_id": chosen.info.run_id,
-                "model_id": model_id, "final_test_acc": final,
-                "best_version": top.version if top else None,
-                "best_final_test_acc": _float(top.tags.get(TAG_FINAL)) if top else None}
-
-    # Each architecture is its own registered model, so they are registered side by side: about
-    # six requests each, one after another, were most of the time from a sweep's last trial to its
-    # end. The results (and an error: the first model's that raised) come back in model order.
-    # Only over HTTP: a client writing a database file itself (sqlite:///) stays on one thread.
-    remote = str(getattr(mlf, "_registry_uri", None) or getattr(mlf, "tracking_uri", "")).startswith(("http:", "https:"))
-    if len(models) <= 1 or not remote:
-        outcomes = [register(m) for m in models]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(len(models), REGISTER_THREADS)) as pool:
-            outcomes = list(pool.map(register, models))
-    return [o for o in outcomes if o is not None]
+        results.append({"model": model, "name": name, "version": version.version, "run_id": chosen.info.run_id,
+                        "model_id": model_id, "final_test_acc": final,
+                        "best_version": top.version if top else None,
+                        "best_final_test_acc": _float(top.tags.get(TAG_FINAL)) if top else None})
+    return results
 
 
 def _wait_ready(mlf, name: str, version, timeout: float = 60.0) -> None:
