@@ -231,3 +231,53 @@ def test_shallow_validation_leaves_out_only_the_stepping(monkeypatch):
             SweepSpec(models=["v2"], schedules=["onecycle:peak=0.1"]).validate(deep=deep)
         with pytest.raises(SpecError, match="more than float32"):
             SweepSpec(models=["v2"], schedules=["onecycle:max_lr=1e308"]).validate(deep=deep)
+
+
+def test_warm_worker_imports_what_a_trial_needs_and_never_raises():
+    """Ray's setup hook for a sweep's workers (jobs.trial.warm_worker) imports torch, the trainer,
+    MLflow's client and Tune, and records when; an import that fails leaves it quiet (a raising
+    hook would make Ray end the worker) with nothing recorded."""
+    proc = _python("""
+        import sys
+        import jobs.trial as t
+
+        assert "torch" not in sys.modules and "mlflow" not in sys.modules
+        t.warm_worker()
+        print(all(m in sys.modules for m in ("torch", "mnistnets.train", "mlflow", "ray.tune")),
+              t._WARMED["began"] <= t._WARMED["ended"])
+        t._WARMED.clear()
+        sys.modules["mnistnets.train"] = None  # an import that fails
+        t.warm_worker()
+        print(t._WARMED == {})
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True", "True"], proc.stdout
+
+
+@pytest.mark.slow
+def test_the_drivers_workers_are_warmed_before_the_trial_begins():
+    """The driver's ray.init (jobs.sweep.connect_ray) names warm_worker as the job's worker setup
+    hook: the trial function finds torch and MLflow imported and the hook's record there when it
+    begins."""
+    proc = _python("""
+        import sys
+        import jobs.sweep
+        import ray
+        from ray import tune
+
+        def probe(config):
+            import sys
+            import jobs.trial
+            return {"torch": "torch" in sys.modules, "mlflow": "mlflow" in sys.modules,
+                    "warmed": "ended" in jobs.trial._WARMED}
+
+        jobs.sweep._tune_environment()
+        jobs.sweep.connect_ray(num_cpus=1, include_dashboard=False)
+        results = tune.Tuner(probe, run_config=tune.RunConfig(verbose=0)).fit()
+        assert results.num_errors == 0, results.errors
+        r = results[0].metrics
+        print(r["torch"], r["mlflow"], r["warmed"])
+        ray.shutdown()
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].split() == ["True", "True", "True"], proc.stdout
