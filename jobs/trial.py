@@ -230,8 +230,10 @@ def warm_worker() -> None:
     each worker of the sweep's job as the worker starts, before the worker takes work. Ray starts
     the job's first worker when the driver connects (``ray.init``), while Tune is still setting
     up, and gives Tune's first trial actor that worker: the trial then finds its imports done
-    (about 2 s of a 2-core CPU that it otherwise paid after it began). Never raises: a failing
-    hook would make Ray end the worker; a trial imports anything missing itself."""
+    (about 2 s of a 2-core CPU that it otherwise paid after it began). Imports only: nothing
+    here touches CUDA, so the GPU Ray gives the trial later (CUDA_VISIBLE_DEVICES, read at CUDA's
+    first use) still applies. Never raises: a failing hook would make Ray end the worker; a trial
+    imports anything missing itself."""
     began = time.time()
     try:
         from ray import tune  # noqa: F401 - the function trainable's own imports (pandas among them)
