@@ -34,6 +34,7 @@ Exit code: 0 when every trial finished (or Tune stopped it on purpose), 1 otherw
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -333,6 +334,9 @@ def _tune_environment() -> None:
     # TensorBoard logger imported tensorboardX, and with it torch, into the driver inside
     # Tuner.fit(): about 1.5 s before Tune asked for the first trial's worker.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # ...so the ResultGrid Tuner.fit() returns finds no result files to read its trials' metrics
+    # from (nothing here reads them) and warned so at the end of every job.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
 def connect_ray(**options) -> None:

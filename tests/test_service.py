@@ -368,6 +368,8 @@ def test_submit_wait_records_every_trial_in_mlflow(embedded, synthetic_dir):
     logs = run_cli(["logs", job], home=embedded.home)
     assert logs.exit_code == 0 and "[v0-cosine-s1] epoch 2/2" in logs.output
     assert logs.stdout in result.stdout  # --wait printed the whole log, once
+    # no warning of Tune's about result files this project does not write (jobs.sweep._tune_environment)
+    assert "WARNING" not in logs.stdout and "Failed to fetch metrics" not in logs.stdout, logs.stdout
     # ... which ends with the driver's last line, written after its Ray connection closed: nothing after it
     assert logs.stdout.rstrip("\n").splitlines()[-1] == f"mnistjobs sweep {job}: ended SUCCEEDED", logs.stdout[-500:]
     # --follow of a job that has ended prints its whole log (the same text), then its state.
