@@ -16,7 +16,9 @@ Ray's and MLflow's parts:
   127.0.0.1 whose port it writes to ``<home>/queue_wake_port``, and :func:`wake` (called by the
   CLI after it changed the queue) sends it one datagram. `mnistjobs up` and `submit` start it
   when it is missing (:func:`ensure`), through a short Ray job (``python -m jobs.queue start``)
-  since a client may only reach the dashboard's HTTP API.
+  since a client may only reach the dashboard's HTTP API. As it starts a job, it has the raylet of
+  its node start the job's first trial workers (``jobs.rayconnect.prestart_for_job``), so they
+  import torch, MLflow and Tune while Ray starts the job's driver and Tune sets up.
 
 The order (:func:`run_order`): jobs already admitted keep their place, in the order they were
 admitted (no preemption), then the queued ones by priority (higher first), submission time, id.
@@ -384,6 +386,7 @@ class Admitter:
 
     def _start(self, e: Entry) -> str | None:
         from jobs.client import build_submission_from
+        from jobs.rayconnect import prestart_for_job
 
         run = self.mlf.get_run(e.run_id)
         current = entry_of(run, e.experiment)
@@ -400,6 +403,16 @@ class Admitter:
             spec_json = self._spec_json(e.run_id)
         except Exception as exc:  # noqa: BLE001 - an unreadable spec fails the job, not the queue
             return self._give_up(e, f"its spec could not be read from MLflow: {type(exc).__name__}: {exc}")
+        try:
+            submission = build_submission_from(
+                self.cluster, spec_json, e.summary, e.experiment, e.job_id, e.experiment_id,
+                ray_job_id=ray_job_id, resume_of=(e.ray_job_id or e.job_id) if resume else None, home=self.home)
+        except Exception as exc:  # noqa: BLE001 - as a refused submission
+            return self._not_taken(e, exc)
+        # The raylet starts the job's first trial workers now, beside the MLflow writes below and
+        # Ray's start of the driver (jobs.rayconnect.prestart_for_job; it sets the job's
+        # MNISTJOBS_PRESTARTED, so it comes before the submission).
+        prestarted = prestart_for_job(spec_json, submission["runtime_env"]["env_vars"])
         tags = {TAG_RAY_JOB: ray_job_id, TAG_QUEUE_STATE: ADMITTED}
         if e.queued:
             tags[TAG_ADMITTED_AT] = now_ms()
@@ -408,24 +421,26 @@ class Admitter:
         self.mlf.log_batch(e.run_id, tags=_tags(tags))
         self.mlf.update_run(e.run_id, status="RUNNING")
         try:
-            submission = build_submission_from(
-                self.cluster, spec_json, e.summary, e.experiment, e.job_id, e.experiment_id,
-                ray_job_id=ray_job_id, resume_of=(e.ray_job_id or e.job_id) if resume else None, home=self.home)
             self.client.submit_job(**submission)
         except Exception as exc:  # noqa: BLE001 - back into the queue; tried again next tick
             self.mlf.log_batch(e.run_id, tags=_tags({TAG_QUEUE_STATE: QUEUED if e.queued else ADMITTED}))
             if e.queued:
                 self.mlf.update_run(e.run_id, status="SCHEDULED")
-            n = self.failures[e.job_id] = self.failures.get(e.job_id, 0) + 1
-            self.log(f"{e.job_id}: Ray did not take the job ({type(exc).__name__}: {exc}); attempt {n}")
-            if n >= MAX_START_FAILURES:
-                return self._give_up(e, f"Ray refused it {n} times: {' '.join(str(exc).split())[:300]}")
-            return None
+            return self._not_taken(e, exc)
         self.failures.pop(e.job_id, None)
         waited = (now_ms() - e.submitted_at) / 1000
         self.log(f"{e.job_id}: started as Ray job {ray_job_id}" + (" (resuming)" if resume else "")
-                 + f", place {e.place}, priority {e.priority}, {waited:.1f} s after it was queued")
+                 + f", place {e.place}, priority {e.priority}, {waited:.1f} s after it was queued"
+                 + (f"; {prestarted} trial worker(s) started ahead of it" if prestarted else ""))
         return ray_job_id
+
+    def _not_taken(self, e: Entry, exc: Exception) -> None:
+        """Ray did not take the job: counted; given up after MAX_START_FAILURES attempts."""
+        n = self.failures[e.job_id] = self.failures.get(e.job_id, 0) + 1
+        self.log(f"{e.job_id}: Ray did not take the job ({type(exc).__name__}: {exc}); attempt {n}")
+        if n >= MAX_START_FAILURES:
+            return self._give_up(e, f"Ray refused it {n} times: {' '.join(str(exc).split())[:300]}")
+        return None
 
     def _give_up(self, e: Entry, why: str) -> None:
         self.mlf.log_batch(e.run_id, tags=_tags({TAG_QUEUE_NOTE: why[:5000], TAG_QUEUE_STATE: ENDED}))

@@ -46,6 +46,12 @@ from jobs.process import fast_exit, process_started_at, startup_mark
 
 startup_mark("driver process started", process_started_at())
 startup_mark("driver: jobs.sweep imported")
+if __name__ == "__main__":
+    # The job's driver connects to Ray first and has the raylet start the trials' workers, so they
+    # import torch, MLflow and Tune while this process imports Tune and opens its runs.
+    from jobs.rayconnect import connect_early
+
+    connect_early(sys.argv[1:])
 from ray import tune  # noqa: E402
 
 startup_mark("driver: ray.tune imported")
@@ -53,7 +59,8 @@ startup_mark("driver: ray.tune imported")
 from jobs.contract import (DONE_LINE, ROLE_TRIAL, SUMMARY_BEST, SUMMARY_FINAL, TAG_BEST_RUN, TAG_DIVERGED, TAG_DIVERGED_REASON,
                            TAG_HELD, TAG_QUEUE_STATE, TAG_REGISTERED, TAG_STOPPED_EARLY, TAG_TRIAL, TAG_WAITING_TRIALS)
 from jobs.grid import trial_config, trial_name
-from jobs.trial import WARM_HOOK, stopped_tags, train_trial
+from jobs.rayconnect import connect_driver, connect_ray, prestart_trial_workers  # noqa: F401 - the driver's Ray
+from jobs.trial import stopped_tags, train_trial
 
 STORAGE_VAR = "MNISTJOBS_STORAGE_PATH"  # Tune's storage for every job of a cluster
 
@@ -339,16 +346,6 @@ def _tune_environment() -> None:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
-def connect_ray(**options) -> None:
-    """``ray.init`` for the driver: the job's workers import what a trial needs as they start
-    (:func:`jobs.trial.warm_worker` as Ray's ``worker_process_setup_hook``; Ray merges it with
-    the job's own runtime_env, its env_vars). ``options``: more ``ray.init`` arguments (tests)."""
-    import ray
-
-    ray.init(log_to_driver=True, logging_level="WARNING", runtime_env={"worker_process_setup_hook": WARM_HOOK},
-             **options)
-
-
 def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ray_job_id: str | None = None,
               stop=None, log_models: bool = True) -> int:
     """Run (or resume) the sweep on the Ray cluster this process belongs to, in the MLflow
@@ -405,8 +402,7 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
             os._exit(128 + signum)
 
     startup_mark("driver: parent run tagged")
-    connect_ray()
-    startup_mark("driver: ray.init done")
+    connect_driver(spec)  # done already where the driver began with it (see the top of this module)
     signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init(), which installs its own
 
     try:

@@ -227,11 +227,12 @@ def warm_worker() -> None:
     trainable) as the worker process starts, before it is given a trial.
 
     The driver names this function as its job's ``worker_process_setup_hook``, so Ray runs it in
-    each worker of the sweep's job as the worker starts, before the worker takes work. Ray starts
-    that worker when Tune asks for the trial's actor (not at ``ray.init``: measured), so these
-    imports still come before the trial; they run while Tune finishes its own setup in the
-    driver, and the trial begins with nothing to import (about 2 s of a 2-core CPU that it
-    otherwise paid after it began; 0.5 s gained on submit -> first batch). Imports only: nothing
+    each worker of the sweep's job as the worker starts, before the worker takes work. The first
+    trials' workers are started ahead of Tune (``jobs.rayconnect``: by the queue's admitter as it
+    starts the job, else by the driver at its ``ray.init``), so these imports (2.5-2.8 s of a
+    2-core CPU) run while Ray starts the driver and Tune sets up, and the trial begins with
+    nothing to import; a worker Ray starts later, for a trial beyond those, warms up the same way
+    before its trial. Imports only: nothing
     here touches CUDA, so the GPU Ray gives the trial later (CUDA_VISIBLE_DEVICES, read at CUDA's
     first use) still applies. Never raises: a failing hook would make Ray end the worker; a trial
     imports anything missing itself."""

@@ -281,3 +281,192 @@ def test_the_drivers_workers_are_warmed_before_the_trial_begins():
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].split() == ["True", "True", "True"], proc.stdout
+
+
+def test_tunes_trial_env_vars_are_the_ones_rayconnect_predicts():
+    """jobs.rayconnect copies the env_vars Tune gives its trainables' actor class (so the driver
+    can predict a trial's runtime_env before it imports Tune): the copy matches Tune's own."""
+    from ray.tune.execution import class_cache
+
+    from jobs import rayconnect
+
+    assert rayconnect.TUNE_DEFAULT_ENV_VARS == class_cache.DEFAULT_ENV_VARS
+    assert rayconnect.TUNE_PROPAGATED_ENV_VARS == frozenset(class_cache.ENV_VARS_TO_PROPAGATE)
+    assert rayconnect.tune_actor_env_vars({"AWS_SESSION_TOKEN": "t", "HOME": "/h"}) == {
+        "PL_DISABLE_FORK": "1", "AWS_SESSION_TOKEN": "t"}
+
+
+def test_trial_workers_at_once_is_bounded_by_trials_concurrency_cpus_and_gpus():
+    from jobs.rayconnect import trial_workers_at_once
+    from jobs.spec import SweepSpec
+
+    four = SweepSpec(models=["v0", "v1", "v2", "v3"], epochs=1)  # 4 trials, 1 CPU each
+    assert trial_workers_at_once(four, {"CPU": 16.0}) == 4
+    assert trial_workers_at_once(four, {"CPU": 2.0}) == 2
+    assert trial_workers_at_once(four, {"CPU": 0.5}) == 0
+    assert trial_workers_at_once(SweepSpec(models=["v0", "v1", "v2", "v3"], epochs=1, max_concurrent=1),
+                                 {"CPU": 16.0}) == 1
+    assert trial_workers_at_once(SweepSpec(models=["v0", "v1", "v2", "v3"], epochs=1, cpus_per_trial=2),
+                                 {"CPU": 5.0}) == 2
+    # on a GPU node each trial takes its share of a GPU (a quarter by default): one GPU, 4 trials
+    assert trial_workers_at_once(SweepSpec(models=["v0", "v1", "v2", "v3"], seeds=2, epochs=1),
+                                 {"CPU": 16.0, "GPU": 1.0}) == 4
+    assert trial_workers_at_once(SweepSpec(models=["v0", "v1"], epochs=1, gpus_per_trial=1),
+                                 {"CPU": 16.0, "GPU": 1.0}) == 1
+
+
+@pytest.mark.slow
+def test_the_runtime_env_predicted_for_a_trial_is_the_one_ray_gives_it():
+    """jobs.rayconnect.trial_runtime_env: from the job's runtime_env (the driver's ray.init, with
+    env_vars of its own and one Tune propagates), the exact string Ray gives an actor of Tune's
+    trainable class (the raylet hands a prestarted worker only to an actor whose string hashes
+    the same)."""
+    proc = _python("""
+        import ray
+        from ray.tune.execution.class_cache import _ActorClassCache
+        from jobs import rayconnect
+
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"worker_process_setup_hook": rayconnect.WARM_HOOK,
+                              "env_vars": {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "SPEC": '{"a": "é"}'}})
+
+        class Probe:
+            def env(self):
+                return ray.get_runtime_context().get_runtime_env_string()
+
+        actor = _ActorClassCache().get(Probe).options(num_cpus=0).remote()
+        actual = ray.get(actor.env.remote())
+        job = ray._private.worker.global_worker.core_worker.get_job_config()
+        predicted = rayconnect.trial_runtime_env(job.runtime_env_info.serialized_runtime_env)
+        print(predicted == actual)
+        print(actual)
+        ray.shutdown()
+    """, env={"AWS_ACCESS_KEY_ID": "key id"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2] == "True", proc.stdout
+    assert '"AWS_ACCESS_KEY_ID":"key id"' in lines[-1] and '"PL_DISABLE_FORK":"1"' in lines[-1], lines[-1]
+
+
+@pytest.mark.slow
+def test_the_drivers_first_trial_runs_in_a_worker_the_driver_had_started():
+    """jobs.rayconnect.connect_driver: ray.init, then the raylet starts the first trials' workers
+    (bound to the job, with the trial's runtime_env) before Tune asks for anything, and Tune's
+    trial runs in one of them. Without the prestart no worker of the job exists before
+    Tuner.fit() (the wait below fails), and the trial would run in a worker started for it."""
+    proc = _python("""
+        import os
+        import time
+        import psutil
+        import ray
+        from ray import tune
+        import jobs.sweep
+        from jobs import rayconnect
+        from jobs.spec import SweepSpec
+
+        def job_workers():  # the raylet's worker processes (its agents aside)
+            raylet = next(p for p in psutil.Process().children(recursive=True) if p.name() == "raylet")
+            found = set()
+            for p in raylet.children():
+                try:
+                    line = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                if "default_worker.py" in line or line.startswith("ray::"):
+                    found.add(p.pid)
+            return found
+
+        def probe(config):
+            import os
+            return {"pid": os.getpid()}
+
+        jobs.sweep._tune_environment()
+        spec = SweepSpec(models=["v2"], epochs=1).validate(deep=False)
+        rayconnect.connect_ray(num_cpus=1, include_dashboard=False)
+        before = job_workers()
+        asked = rayconnect.prestart_trial_workers(spec)
+        for _ in range(600):  # until the raylet has started it (a minute at most)
+            started = job_workers() - before
+            if started:
+                break
+            time.sleep(0.1)
+        results = tune.Tuner(probe, run_config=tune.RunConfig(verbose=0)).fit()
+        assert results.num_errors == 0, results.errors
+        print(asked, len(started), results[0].metrics["pid"] in started)
+        ray.shutdown()
+    """, env={"RAY_prestart_worker_first_driver": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].split() == ["1", "1", "True"], proc.stdout
+
+
+#: The sweep driver's part in the admitter test below: jobs.sweep's Tune settings, connect_driver,
+#: one trial that reports its worker's pid.
+_PRESTARTED_DRIVER = """
+import os, ray
+from ray import tune
+import jobs.sweep
+from jobs import rayconnect
+from jobs.spec import SweepSpec
+def probe(config):
+    import os
+    return {"pid": os.getpid()}
+jobs.sweep._tune_environment()
+spec = SweepSpec.from_json(os.environ["MNISTJOBS_SPEC"]).validate(deep=False)
+print("asked by the driver:", rayconnect.connect_driver(spec))
+results = tune.Tuner(probe, run_config=tune.RunConfig(verbose=0)).fit()
+assert results.num_errors == 0, results.errors
+print("trial pid:", results[0].metrics["pid"])
+"""
+
+
+@pytest.mark.slow
+def test_a_trial_runs_in_the_worker_the_queues_admitter_started_before_its_driver():
+    """jobs.rayconnect.prestart_for_job (the queue's admitter, another Ray job): before the sweep's
+    driver exists, the raylet starts a worker bound to no job with the runtime_env the driver's
+    trials will have: Ray's job config of a submitted job (RAY_JOB_CONFIG_JSON, as Ray's job
+    supervisor hands it to the driver) merged by the driver's ray.init with the setup hook, then
+    Tune's env_vars. The driver, told so by MNISTJOBS_PRESTARTED, asks for none, and Tune's
+    trial runs in that worker. With a wrong prediction (or none) the trial's worker is one Ray
+    started for it, not in the set, and the test fails."""
+    proc = _python("""
+        import json, os, subprocess, sys, time
+        import psutil
+        import ray
+        from jobs import rayconnect
+        from jobs.spec import SweepSpec
+
+        def workers():  # the raylet's worker processes (its agents aside)
+            raylet = next(p for p in psutil.Process().children(recursive=True) if p.name() == "raylet")
+            found = set()
+            for p in raylet.children():
+                try:
+                    line = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                if "default_worker.py" in line or line.startswith("ray::"):
+                    found.add(p.pid)
+            return found
+
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")  # the admitter's job
+        spec_json = SweepSpec(models=["v2"], epochs=1).validate(deep=False).to_json()
+        env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "PYTHONUNBUFFERED": "1", "MNISTJOBS_SPEC": spec_json}
+        before = workers()
+        asked = rayconnect.prestart_for_job(spec_json, env)
+        for _ in range(600):  # until the raylet has started it (a minute at most)
+            started = workers() - before
+            if started:
+                break
+            time.sleep(0.1)
+        driver = os.environ["DRIVER_SCRIPT"]
+        address = ray.get_runtime_context().gcs_address
+        out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=120, env={
+            **os.environ, **env, "RAY_ADDRESS": address,
+            "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": env}})})
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
+        print(asked, env.get("MNISTJOBS_PRESTARTED"), len(started), lines["asked by the driver"],
+              int(lines["trial pid"]) in started)
+        ray.shutdown()
+    """, env={"RAY_prestart_worker_first_driver": "0", "DRIVER_SCRIPT": _PRESTARTED_DRIVER})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].split() == ["1", "1", "1", "0", "True"], proc.stdout

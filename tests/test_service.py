@@ -457,3 +457,31 @@ def test_commands_need_running_services(tmp_path):
     result = run_cli(["down"], home=tmp_path / "home")
     assert result.exit_code == 0 and "Nothing to stop" in result.output
     assert not os.path.exists(tmp_path / "home" / "services.json")
+
+
+def test_a_submitted_drivers_runtime_env_is_the_one_the_admitter_predicts(embedded):
+    """The queue's admitter starts a job's trial workers before Ray starts the job's driver, with
+    the runtime_env it predicts for the job (jobs.rayconnect.job_runtime_env: the submission's
+    env_vars, then the driver's ray.init with the setup hook). A driver that Ray's job API really
+    started (this cluster's job supervisor) ends up with that runtime_env, so its trials' string
+    (jobs.rayconnect.trial_runtime_env), the one the raylet matches workers by, is the same."""
+    import json
+    import shlex
+
+    from _faults_helpers import job_client, job_ended, job_status
+    from jobs.rayconnect import job_runtime_env, trial_runtime_env
+
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "PYTHONUNBUFFERED": "1",
+           "MNISTJOBS_SPEC": '{"models": ["v2"], "note": "a \\"quoted\\" é"}', "MNISTJOBS_PRESTARTED": "1"}
+    script = ("import ray\nfrom jobs import rayconnect\nrayconnect.connect_ray()\n"
+              "print('JOB_ENV=' + ray._private.worker.global_worker.core_worker.get_job_config()"
+              ".runtime_env_info.serialized_runtime_env)\n")
+    client = job_client(embedded)
+    job = client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}",
+                            runtime_env={"env_vars": env})
+    wait_for(lambda: job_ended(job_status(embedded, job)), timeout=120)
+    logs = client.get_job_logs(job)
+    assert job_status(embedded, job) == "SUCCEEDED", logs[-3000:]
+    actual = next(line.split("=", 1)[1] for line in logs.splitlines() if line.startswith("JOB_ENV="))
+    assert json.loads(actual) == json.loads(job_runtime_env(env)), actual
+    assert trial_runtime_env(actual) == trial_runtime_env(job_runtime_env(env))
