@@ -412,7 +412,9 @@ class Admitter:
         # The raylet starts the job's first trial workers now, beside the MLflow writes below and
         # Ray's start of the driver (jobs.rayconnect.prestart_for_job; it sets the job's
         # MNISTJOBS_PRESTARTED, so it comes before the submission).
-        prestarted = prestart_for_job(spec_json, submission["runtime_env"]["env_vars"])
+        # Not for a resumed job: fewer trials may be left than its spec has, and a worker no trial
+        # takes stays until it ends itself (jobs.trial); its driver asks for its own, bound to it.
+        prestarted = 0 if resume else prestart_for_job(spec_json, submission["runtime_env"]["env_vars"])
         tags = {TAG_RAY_JOB: ray_job_id, TAG_QUEUE_STATE: ADMITTED}
         if e.queued:
             tags[TAG_ADMITTED_AT] = now_ms()

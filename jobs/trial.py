@@ -247,9 +247,41 @@ def warm_worker() -> None:
     except Exception:  # noqa: BLE001 - only a head start
         return
     _WARMED.update(began=began, ended=time.time())  # marked by the trial (this output goes nowhere yet)
+    _end_if_never_used()
 
 
 _WARMED: dict[str, float] = {}
+
+#: A worker the queue's admitter had started ahead of its job's driver belongs to no job until a
+#: trial takes it; one that no trial took this many seconds after it warmed ends itself
+#: (``$MNISTJOBS_UNUSED_WORKER_EXIT_S``: the tests' shorter wait). Ray would keep it: the raylet
+#: ends idle workers only beyond one a CPU, and no other job can use it (its runtime_env is its job's).
+UNUSED_WORKER_EXIT_S = 90.0
+
+
+def _end_if_never_used() -> None:
+    """Watch, from a daemon thread, whether this worker is given a job within the wait; if not, it
+    leaves Ray's worker pool and ends (Ray's own drain-and-exit). A worker a job started, or one a
+    trial took meanwhile, is left to Ray, which ends it with its job."""
+    try:
+        import threading
+
+        import ray
+
+        worker = ray._private.worker.global_worker
+        wait = float(os.environ.get("MNISTJOBS_UNUSED_WORKER_EXIT_S") or UNUSED_WORKER_EXIT_S)
+        if not worker.connected or worker.mode != ray.WORKER_MODE:
+            return  # not a Ray worker (a test calling the hook itself): nothing to watch
+    except Exception:  # noqa: BLE001 - only a clean-up
+        return
+
+    def watch() -> None:
+        time.sleep(wait)
+        if worker.current_job_id.is_nil():
+            worker.core_worker.drain_and_exit_worker(
+                "user", "mnistjobs: a trial worker started ahead of its job that no trial took")
+
+    threading.Thread(target=watch, name="mnistjobs-unused-worker", daemon=True).start()
 
 
 def _limit_threads() -> None:

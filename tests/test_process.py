@@ -470,3 +470,53 @@ def test_a_trial_runs_in_the_worker_the_queues_admitter_started_before_its_drive
     """, env={"RAY_prestart_worker_first_driver": "0", "DRIVER_SCRIPT": _PRESTARTED_DRIVER})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].split() == ["1", "1", "1", "0", "True"], proc.stdout
+
+
+@pytest.mark.slow
+def test_a_worker_started_ahead_that_no_trial_takes_ends_itself():
+    """A worker the admitter had started ahead of a job belongs to no job until a trial takes it,
+    and the raylet keeps idle workers up to one a CPU: one that no trial took ends itself once
+    its wait is over (jobs.trial.warm_worker; a short wait here), and the cluster goes on."""
+    proc = _python("""
+        import json, time
+        import psutil
+        import ray
+        from ray.core.generated import runtime_environment_pb2
+        from jobs import rayconnect
+
+        def workers():  # the raylet's worker processes (its agents aside)
+            raylet = next(p for p in psutil.Process().children(recursive=True) if p.name() == "raylet")
+            found = set()
+            for p in raylet.children():
+                try:
+                    line = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                if "default_worker.py" in line or line.startswith("ray::"):
+                    found.add(p.pid)
+            return found
+
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        env = json.loads(rayconnect.job_runtime_env({"MNISTJOBS_UNUSED_WORKER_EXIT_S": "2"}))
+        info = runtime_environment_pb2.RuntimeEnvInfo(serialized_runtime_env=json.dumps(env))
+        info.runtime_env_config.setup_timeout_seconds = 600
+        before = workers()
+        rayconnect._ask_raylet(rayconnect._this_node(), info, 1, None)
+        seen, gone = set(), False
+        for _ in range(1200):  # two minutes at most
+            now = workers() - before
+            seen |= now
+            if seen and not now:
+                gone = True
+                break
+            time.sleep(0.1)
+
+        @ray.remote(num_cpus=1)
+        def one():
+            return 1
+
+        print(len(seen), gone, ray.get(one.remote()))
+        ray.shutdown()
+    """, env={"RAY_prestart_worker_first_driver": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].split() == ["1", "True", "1"], proc.stdout
