@@ -1,15 +1,23 @@
-"""The sweep driver's connection to Ray, and the trial workers it has the raylet start ahead of Tune.
+"""The sweep driver's connection to Ray, and the trial workers the raylet starts ahead of Tune.
 
 A trial runs in a Ray worker process of the sweep's job. Ray starts that process when Tune asks
-for the trial's actor, at the end of Tune's own setup, and the process then needs about 4 s of a
-2-core CPU before the trial can begin: Ray's own start (about 1 s) and the imports a trial needs
-(:func:`jobs.trial.warm_worker`, the job's ``worker_process_setup_hook``: torch, MLflow's client,
-Tune; 2.5-2.8 s). So the driver (``python -m jobs.sweep``) begins with :func:`connect_early`:
-before it imports Tune, opens its MLflow runs or builds the tuner, it connects to Ray and asks
-the raylet of its node to start as many workers as trials can start at once
-(:func:`prestart_trial_workers`), and those workers warm up beside the driver's own setup.
+for the trial's actor, at the end of Tune's own setup, and the process then needs about 3.5 s of
+a 2-core CPU before the trial can begin: Ray's own start (about 1 s) and the imports a trial
+needs (:func:`jobs.trial.warm_worker`, the job's ``worker_process_setup_hook``: torch, MLflow's
+client, Tune; 2.5-2.8 s). So those workers are asked of the raylet earlier, with its
+``PrestartWorkers`` request:
 
-Only imports here (``ray`` lazily): the driver calls this before anything heavy.
+- by the queue's admitter as it starts the job (:func:`prestart_for_job`), before Ray starts the
+  job's driver: workers bound to no job yet, with the runtime_env the job's trial actors will
+  have (:func:`job_runtime_env`, :func:`trial_runtime_env`), which is what the raylet matches
+  them by; it tells the driver so in the job's env (``PRESTARTED_VAR``);
+- else by the driver (``python -m jobs.sweep``), which begins with :func:`connect_early`: before
+  it imports Tune, opens its MLflow runs or builds the tuner, it connects to Ray and asks for
+  workers bound to its job (:func:`prestart_trial_workers`).
+
+Either way as many as trials can start at once on that node (:func:`trial_workers_at_once`).
+
+Only light imports here (``ray`` lazily): the driver calls this before anything heavy.
 """
 from __future__ import annotations
 
