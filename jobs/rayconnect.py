@@ -70,12 +70,9 @@ def connect_early(argv: list[str]) -> int:
         args, _ = parser.parse_known_args(argv)
         if not args.spec:
             return 0
-        from pathlib import Path
+        from jobs.spec import driver_spec
 
-        from jobs.spec import SweepSpec
-
-        text = Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec
-        spec = SweepSpec.from_json(text).validate(deep=False)
+        spec = driver_spec(args.spec)
     except (Exception, SystemExit):  # noqa: BLE001 - the driver reports it, with its exit code
         return 0
     try:
@@ -117,12 +114,7 @@ def trial_runtime_env(job_runtime_env: str, environ=None) -> str:
     import json
 
     merged = json.loads(job_runtime_env) if job_runtime_env.strip() else {}
-    child = {"env_vars": tune_actor_env_vars(environ)}
-    for key, value in child.items():
-        if key == "env_vars" and "env_vars" in merged:
-            merged["env_vars"] = {**merged["env_vars"], **value}
-        else:
-            merged[key] = value
+    merged["env_vars"] = {**merged.get("env_vars", {}), **tune_actor_env_vars(environ)}
     return json.dumps(merged, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -693,6 +693,13 @@ class SweepSpec:
         return spec
 
 
+def driver_spec(arg: str) -> SweepSpec:
+    """The sweep driver's spec (``python -m jobs.sweep --spec``): its JSON text, or ``@FILE``
+    holding it, checked without torch (``validate(deep=False)``: `submit` stepped the schedules)."""
+    text = Path(arg[1:]).read_text() if arg.startswith("@") else arg
+    return SweepSpec.from_json(text).validate(deep=False)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

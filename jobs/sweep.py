@@ -59,7 +59,7 @@ startup_mark("driver: ray.tune imported")
 from jobs.contract import (DONE_LINE, ROLE_TRIAL, SUMMARY_BEST, SUMMARY_FINAL, TAG_BEST_RUN, TAG_DIVERGED, TAG_DIVERGED_REASON,
                            TAG_HELD, TAG_QUEUE_STATE, TAG_REGISTERED, TAG_STOPPED_EARLY, TAG_TRIAL, TAG_WAITING_TRIALS)
 from jobs.grid import trial_config, trial_name
-from jobs.rayconnect import connect_driver, connect_ray, prestart_trial_workers  # noqa: F401 - the driver's Ray
+from jobs.rayconnect import connect_driver, connect_ray  # noqa: F401 - connect_ray: the driver's ray.init (tests)
 from jobs.trial import stopped_tags, train_trial
 
 STORAGE_VAR = "MNISTJOBS_STORAGE_PATH"  # Tune's storage for every job of a cluster
@@ -552,14 +552,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.spec import SpecError, SweepSpec
+    from jobs.spec import SpecError, driver_spec
 
     startup_mark("driver: jobs.spec imported")
 
-    text = Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec
     try:
-        # shallow: no torch in the driver (submit checked the schedules by stepping them)
-        spec = SweepSpec.from_json(text).validate(deep=False)
+        spec = driver_spec(args.spec)  # shallow: no torch in the driver
     except SpecError as e:
         print(f"bad sweep spec: {e}", file=sys.stderr)
         return 2
