@@ -54,11 +54,31 @@ def test_free_ports_of_one_process_are_all_different():
 # Each in a fresh process: fork_call forks only a single-threaded process, and this test session's
 # may have threads (torch's pool) by the time these run.
 
-def _python(script: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _python(script: str, env: dict | None = None, *, prelude: str = "") -> subprocess.CompletedProcess:
+    """Run ``script`` (dedented) in a fresh Python, ``prelude`` (e.g. ``_RAYLET_WORKERS``) first."""
     import os
 
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(prelude) + textwrap.dedent(script)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+#: For the scripts of the prestart tests (a Ray started by the script itself): ``workers()``, the
+#: pids of the raylet's worker processes (its agents aside).
+_RAYLET_WORKERS = """
+    import psutil
+
+    def workers():
+        raylet = next(p for p in psutil.Process().children(recursive=True) if p.name() == "raylet")
+        found = set()
+        for p in raylet.children():
+            try:
+                line = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if "default_worker.py" in line or line.startswith("ray::"):
+                found.add(p.pid)
+        return found
+"""
 
 
 def test_fork_call_runs_in_a_child_and_hands_back_values_errors_and_crashes():
@@ -357,24 +377,11 @@ def test_the_drivers_first_trial_runs_in_a_worker_the_driver_had_started():
     proc = _python("""
         import os
         import time
-        import psutil
         import ray
         from ray import tune
         import jobs.sweep
         from jobs import rayconnect
         from jobs.spec import SweepSpec
-
-        def job_workers():  # the raylet's worker processes (its agents aside)
-            raylet = next(p for p in psutil.Process().children(recursive=True) if p.name() == "raylet")
-            found = set()
-            for p in raylet.children():
-                try:
-                    line = " ".join(p.cmdline())
-                except psutil.Error:
-                    continue
-                if "default_worker.py" in line or line.startswith("ray::"):
-                    found.add(p.pid)
-            return found
 
         def probe(config):
             import os
@@ -383,10 +390,10 @@ def test_the_drivers_first_trial_runs_in_a_worker_the_driver_had_started():
         jobs.sweep._tune_environment()
         spec = SweepSpec(models=["v2"], epochs=1).validate(deep=False)
         rayconnect.connect_ray(num_cpus=1, include_dashboard=False)
-        before = job_workers()
+        before = workers()
         asked = rayconnect.prestart_trial_workers(spec)
         for _ in range(600):  # until the raylet has started it (a minute at most)
-            started = job_workers() - before
+            started = workers() - before
             if started:
                 break
             time.sleep(0.1)
@@ -394,7 +401,7 @@ def test_the_drivers_first_trial_runs_in_a_worker_the_driver_had_started():
         assert results.num_errors == 0, results.errors
         print(asked, len(started), results[0].metrics["pid"] in started)
         ray.shutdown()
-    """, env={"RAY_prestart_worker_first_driver": "0"})
+    """, env={"RAY_prestart_worker_first_driver": "0"}, prelude=_RAYLET_WORKERS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].split() == ["1", "1", "True"], proc.stdout
 
@@ -430,22 +437,9 @@ def test_a_trial_runs_in_the_worker_the_queues_admitter_started_before_its_drive
     started for it, not in the set, and the test fails."""
     proc = _python("""
         import json, os, subprocess, sys, time
-        import psutil
         import ray
         from jobs import rayconnect
         from jobs.spec import SweepSpec
-
-        def workers():  # the raylet's worker processes (its agents aside)
-            raylet = next(p for p in psutil.Process().children(recursive=True) if p.name() == "raylet")
-            found = set()
-            for p in raylet.children():
-                try:
-                    line = " ".join(p.cmdline())
-                except psutil.Error:
-                    continue
-                if "default_worker.py" in line or line.startswith("ray::"):
-                    found.add(p.pid)
-            return found
 
         ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")  # the admitter's job
         spec_json = SweepSpec(models=["v2"], epochs=1).validate(deep=False).to_json()
@@ -467,7 +461,8 @@ def test_a_trial_runs_in_the_worker_the_queues_admitter_started_before_its_drive
         print(asked, env.get("MNISTJOBS_PRESTARTED"), len(started), lines["asked by the driver"],
               int(lines["trial pid"]) in started)
         ray.shutdown()
-    """, env={"RAY_prestart_worker_first_driver": "0", "DRIVER_SCRIPT": _PRESTARTED_DRIVER})
+    """, env={"RAY_prestart_worker_first_driver": "0", "DRIVER_SCRIPT": _PRESTARTED_DRIVER},
+                   prelude=_RAYLET_WORKERS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].split() == ["1", "1", "1", "0", "True"], proc.stdout
 
@@ -479,22 +474,9 @@ def test_a_worker_started_ahead_that_no_trial_takes_ends_itself():
     its wait is over (jobs.trial.warm_worker; a short wait here), and the cluster goes on."""
     proc = _python("""
         import json, time
-        import psutil
         import ray
         from ray.core.generated import runtime_environment_pb2
         from jobs import rayconnect
-
-        def workers():  # the raylet's worker processes (its agents aside)
-            raylet = next(p for p in psutil.Process().children(recursive=True) if p.name() == "raylet")
-            found = set()
-            for p in raylet.children():
-                try:
-                    line = " ".join(p.cmdline())
-                except psutil.Error:
-                    continue
-                if "default_worker.py" in line or line.startswith("ray::"):
-                    found.add(p.pid)
-            return found
 
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
         env = json.loads(rayconnect.job_runtime_env({"MNISTJOBS_UNUSED_WORKER_EXIT_S": "2"}))
@@ -517,6 +499,6 @@ def test_a_worker_started_ahead_that_no_trial_takes_ends_itself():
 
         print(len(seen), gone, ray.get(one.remote()))
         ray.shutdown()
-    """, env={"RAY_prestart_worker_first_driver": "0"})
+    """, env={"RAY_prestart_worker_first_driver": "0"}, prelude=_RAYLET_WORKERS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].split() == ["1", "True", "1"], proc.stdout
