@@ -10,9 +10,10 @@ Ray's and MLflow's parts:
   the driver's count of trials not yet started. The MLflow UI shows the queue too.
 - **The admitter** (:class:`Admitter`) runs on the cluster as a detached Ray actor named
   ``mnistjobs-queue`` (namespace ``mnistjobs``; restarted by Ray if its process dies). It reads the
-  queue and starts at most one job through Ray's job API: once a second while jobs are queued or
-  admitted (one MLflow request a look, two every ten seconds), every ten seconds while the queue
-  is empty (two MLflow requests a look), and at once when woken: it waits on a UDP socket on
+  queue and starts at most one job through Ray's job API: once a second while a job waits to
+  start (one MLflow request a look, two every ten seconds), every ten seconds otherwise, with the
+  queue empty or its jobs all running (two MLflow requests a look, and one Ray request per running
+  job), and at once when woken: it waits on a UDP socket on
   127.0.0.1 whose port it writes to ``<home>/queue_wake_port``, and :func:`wake` (called by the
   CLI after it changed the queue) sends it one datagram. `mnistjobs up` and `submit` start it
   when it is missing (:func:`ensure`), through a short Ray job (``python -m jobs.queue start``)
@@ -296,7 +297,7 @@ class Admitter:
                  log: Callable[[str], None] = print) -> None:
         self.mlf, self.client, self.cluster, self.home, self.log = mlf, client, cluster, home, log
         self.failures: dict[str, int] = {}
-        self.busy = False           # whether the last look found jobs queued or admitted
+        self.busy = False           # whether the last look found a job waiting to start
         self.ticks = 0              # looks taken by run_forever
         self.waker: Waker | None = None
         self._names: dict[str, str] | None = None  # the active experiments, as last read
@@ -334,7 +335,6 @@ class Admitter:
         from jobs.client import status_of
 
         order = read(self.mlf, self._experiment_names(fresh))
-        self.busy = bool(order)
         live: dict[str, bool] = {}
         for e in order:
             if e.queued:
@@ -347,6 +347,10 @@ class Admitter:
                 live[e.job_id] = None  # gone from the queue
             else:
                 live[e.job_id] = True
+        # Looks a second apart only while a job waits to start (queued, or admitted with its Ray
+        # job gone); while the running jobs are all there is, a look every IDLE_POLL_S: each look
+        # is an MLflow search and a Ray job request, CPU taken from the trials on a small node.
+        self.busy = any(e.queued or live.get(e.job_id) is False for e in order)
         for e in order:
             state = live.get(e.job_id)
             if state is None and not e.queued:

@@ -371,6 +371,36 @@ def test_a_look_at_an_empty_queue_costs_two_mlflow_requests_and_a_busy_one_reuse
     assert store.calls == ["search_experiments", "search_runs", "get_run"]
 
 
+def test_the_admitter_looks_often_only_while_a_job_waits_to_start(tmp_path):
+    """A job that runs (its Ray job there) and nothing behind it: the looks stay ten seconds apart
+    (each costs an MLflow search and a Ray request, CPU a small node's trials would lose); a queued
+    job, or an admitted one whose Ray job is gone (started again at the next look), makes them fast."""
+    from jobs.queue import Admitter
+
+    class RayJobs:
+        jobs = {"run-job": SimpleNamespace(status="RUNNING")}
+
+        def get_job_info(self, ray_job_id):
+            if ray_job_id not in self.jobs:
+                raise RuntimeError(f"Request failed with status code 404: Job {ray_job_id} does not exist.")
+            return self.jobs[ray_job_id]
+
+    running = _run("a", "RUNNING", admitted=1)
+    running.data.tags["mnistjobs.ray_job_id"] = "run-job"
+    running.data.tags["mnistjobs.waiting_trials"] = "0"
+    store = _Store([running])
+    admitter = Admitter(store, RayJobs(), None, home=str(tmp_path))
+    assert admitter.tick() is None and admitter.busy is False
+    store.runs.append(_run("b", "SCHEDULED", submitted=2))
+    admitter._start = lambda e: None  # Ray would be asked to start b here: the look's outcome is what counts
+    admitter.tick()
+    assert admitter.busy is True
+    store.runs = [running]
+    RayJobs.jobs = {}  # the head was replaced: a started again at the next look
+    admitter.tick()
+    assert admitter.busy is True
+
+
 def test_the_admitter_polls_slowly_while_the_queue_is_empty_and_fast_while_it_holds_jobs(tmp_path):
     import threading
 
