@@ -12,7 +12,8 @@ machine, more than everything these commands do. So they talk HTTP with the stan
   what Ray's client sends). Errors read as Ray's (``Request failed with status code 404: ...``),
   so ``jobs.client.is_not_found`` works on both; a refused token is a :class:`AuthRefused`.
 - :class:`MlflowRest`: the part of ``MlflowClient`` they use (``search_experiments``, the run
-  search over all pages, ``get_run``, ``get_metric_history``, ``set_tag``, ``set_terminated``)
+  search over all pages, ``get_run``, ``get_metric_history``, ``set_tag``, ``set_terminated``; and
+  for the sweep's driver, until its trials run, ``update_run`` and several tags at once)
   over ``/api/2.0/mlflow/...``, with the login MLflow's own client would send
   (MLFLOW_TRACKING_USERNAME / _PASSWORD, set for the embedded server by
   ``jobs.record.use_mlflow_credentials``, or MLFLOW_TRACKING_TOKEN). Runs come back as small
@@ -235,6 +236,17 @@ class MlflowRest:
 
     def set_tag(self, run_id: str, key: str, value: Any) -> None:
         self._call("runs/set-tag", body={"run_id": run_id, "key": key, "value": str(value)})
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        """Several tags in one request (``runs/log-batch``, as ``MlflowClient.log_batch(tags=...)``)."""
+        if tags:
+            self._call("runs/log-batch", body={"run_id": run_id,
+                                               "tags": [{"key": k, "value": str(v)} for k, v in tags.items()]})
+
+    def update_run(self, run_id: str, status: str | None = None) -> None:
+        """``MlflowClient.update_run``: the run's status (no end time: RUNNING, SCHEDULED)."""
+        self._call("runs/update", body={"run_id": run_id, "run_uuid": run_id,
+                                        **({"status": status} if status else {})})
 
     def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
         self._call("runs/update", body={"run_id": run_id, "status": status or "FINISHED",

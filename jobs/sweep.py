@@ -176,10 +176,10 @@ class Progress(tune.Callback):
         waiting = max(0, self.n_trials - started)
         if waiting == getattr(self, "reported_waiting", None) or not getattr(self, "parent_run_id", None):
             return
-        from jobs import tracking
+        from jobs.rest import mlflow_reader
 
         try:
-            tracking.client(self._uri()).set_tag(self.parent_run_id, TAG_WAITING_TRIALS, str(waiting))
+            mlflow_reader(self._uri()).set_tag(self.parent_run_id, TAG_WAITING_TRIALS, str(waiting))
             self.reported_waiting = waiting
         except Exception as e:  # noqa: BLE001 - never break Tune's loop; tried again next step
             print(f"  note: could not report the waiting trials to MLflow: {' '.join(str(e).split())[:200]}",
@@ -202,14 +202,14 @@ class Progress(tune.Callback):
 
     def _close(self, trials) -> None:
         """Close the still-RUNNING runs of ``trials`` (ended by Tune without error)."""
-        from jobs import tracking
+        from jobs.rest import job_runs, mlflow_reader
 
         wanted = {t.trial_id: t for t in trials}
         if not wanted:
             return
         try:
-            mlf = tracking.client(self._uri())
-            for run in tracking.job_runs(mlf, self.job_id, role="trial", experiment_ids=[self.experiment_id]):
+            mlf = mlflow_reader(self._uri())
+            for run in job_runs(mlf, self.job_id, role="trial", experiment_ids=[self.experiment_id]):
                 trial = wanted.get(run.data.tags.get(TAG_TRIAL))
                 if trial is not None and run.info.status == "RUNNING":
                     close_stopped_run(mlf, run.info.run_id, *self._epochs(trial))
@@ -219,6 +219,9 @@ class Progress(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         startup_mark(f"driver: Tune started trial {self._name(trial)}")
+        from jobs import tracking
+
+        tracking.trials_started()  # MLflow's own client, for the job's end, may be made now
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         print(f"[{self._name(trial)}] epoch {result.get('epoch')}/{self._epochs(trial)[1]}  "
@@ -230,11 +233,11 @@ class Progress(tune.Callback):
     def _diverged_reason(self, trial) -> str | None:
         """fit's one line when the trial's run ended FAILED with ``mnistjobs.diverged=true`` (the
         trial closes it itself and returns, so that Tune does not retry it)."""
-        from jobs import tracking
+        from jobs.rest import job_runs, mlflow_reader
 
         try:
-            mlf = tracking.client(self._uri())
-            for run in tracking.job_runs(mlf, self.job_id, role="trial", experiment_ids=[self.experiment_id]):
+            mlf = mlflow_reader(self._uri())
+            for run in job_runs(mlf, self.job_id, role="trial", experiment_ids=[self.experiment_id]):
                 if run.data.tags.get(TAG_TRIAL) == trial.trial_id and run.data.tags.get(TAG_DIVERGED) == "true":
                     return run.data.tags.get(TAG_DIVERGED_REASON) or "diverged"
         except Exception:  # noqa: BLE001 - never break Tune's loop
@@ -366,21 +369,24 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
         print("MLFLOW_TRACKING_URI is not set for this job; `mnistjobs submit` sets it.", file=sys.stderr)
         return 2
     storage = resolve_storage(spec.storage_path)
-    mlf = tracking.client(tracking_uri)
-    from jobs import queue
+    from jobs import queue, rest
 
+    # Until the trials run, plain HTTP (jobs.rest) where it does what MLflow's client would: the
+    # queue entry, the parent run RUNNING and its tags (a driver started outside the queue, with
+    # no parent run to find, creates it with MLflow's own client).
+    mlf = rest.mlflow_reader(tracking_uri)
     queued = queue.find(mlf, job_id)
     if queued is not None and queued.data.tags.get(TAG_QUEUE_STATE) == queue.CANCELLED:
         print(f"mnistjobs sweep {job_id}: cancelled while it was queued; not started", flush=True)
         return 0
+    if queued is None and rest.is_lite(mlf):
+        mlf = tracking.client(tracking_uri)
     startup_mark("driver: queue entry read")
     sweep_run = open_sweep_run(mlf, spec, job_id, experiment_id, ray_job_id)
     startup_mark("driver: parent run RUNNING")
-    from mlflow.entities import RunTag
-
     from jobs import search
 
-    mlf.log_batch(sweep_run.run_id, tags=[RunTag(k, v) for k, v in search.parent_tags(spec).items()])
+    tracking.set_tags(mlf, sweep_run.run_id, search.parent_tags(spec))
     print(f"mnistjobs sweep {job_id}: {spec.summary()}", flush=True)
     if search.is_search(spec):
         from jobs.space import describe_space
@@ -396,7 +402,7 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
                       f"place after `mnistjobs up`, from its trials' checkpoints", flush=True)
                 return
             mlf.set_tag(sweep_run.run_id, TAG_QUEUE_STATE, queue.ENDED)
-            n = tracking.end_job_runs(mlf, job_id, "KILLED", experiment_ids=[experiment_id])
+            n = rest.end_job_runs(mlf, job_id, "KILLED", experiment_ids=[experiment_id])
             print(f"mnistjobs sweep {job_id}: stopped; {n} MLflow run(s) marked KILLED", flush=True)
         finally:
             os._exit(128 + signum)
@@ -421,10 +427,12 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
            "home": os.environ.get("MNISTJOBS_HOME") or None,
            "system_metrics_interval": float(getattr(spec, "system_metrics_interval", 0) or 0)}
     tuner = build_tuner(spec, job, storage, check_resources(spec), resume=resume, stop=stop)
-    startup_mark("driver: tuner built, Tuner.fit()")
+    later = tracking.LaterClient(tracking_uri)
+    startup_mark("driver: tuner built, Tuner.fit()" + ("" if "mlflow" in sys.modules else " (MLflow's client not imported)"))
     start = time.perf_counter()
     results = tuner.fit()
     startup_mark("driver: Tuner.fit() returned")
+    mlf = later.get()
     errors = results.num_errors
     # Trials that finished (or were stopped on purpose) closed their runs; any still RUNNING
     # failed for good.

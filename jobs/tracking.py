@@ -17,6 +17,7 @@ Every name listed in ``__all__`` is importable from ``jobs.tracking``.
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 from jobs.contract import (ROLE_SWEEP, ROLE_TRIAL, SPEC_ARTIFACT, TAG_DEVICE, TAG_DIVERGED, TAG_JOB, TAG_NODE, TAG_RAY_JOB, TAG_ROLE,
@@ -29,7 +30,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
 
 __all__ = ["client", "get_or_create_experiment", "experiment_url", "run_url", "search_all", "job_filter",
-           "job_runs", "metric_history", "end_job_runs", "open_sweep_run", "run_finished", "trial_rows", "SweepRun", "TrialRun",
+           "job_runs", "metric_history", "end_job_runs", "open_sweep_run", "run_finished", "trial_rows", "SweepRun", "set_tags",
+           "LaterClient", "trials_started",
+           "TrialRun",
            "TrackingUnavailable", "fail_fast_requests", "is_transient", "patience_s", "PATIENCE_VAR",
            "DEFAULT_PATIENCE_S", "quote", "param_value", "TAG_NODE", "TAG_DEVICE"]
 
@@ -47,6 +50,47 @@ def client(tracking_uri: str | None = None) -> "MlflowClient":
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run" lines
     use_mlflow_credentials(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+_TRIALS_STARTED = threading.Event()
+
+
+def trials_started() -> None:
+    """Tell this process's :class:`LaterClient` that the job's first trial has started (the sweep
+    driver's Tune callback calls it; a module-level event, since the callback is pickled)."""
+    _TRIALS_STARTED.set()
+
+
+class LaterClient:
+    """MLflow's own client for the end of a sweep's driver, made in a thread once the first trial
+    has started (:func:`trials_started`) or after ``wait`` s.
+
+    Until then the driver talks plain HTTP to MLflow (``jobs.rest``): ``import mlflow`` costs
+    about 1-1.5 s of a 2-core CPU, which before the first trial is taken from the trial worker's
+    own imports, which run beside the driver (``jobs.rayconnect``). After it, the import runs
+    while the trials train, and the job's end (the summary, the models' registration) finds the
+    client made."""
+
+    def __init__(self, tracking_uri: str | None, wait: float = 30.0) -> None:
+        self._uri, self._wait, self._client = tracking_uri, wait, None
+        self._thread = threading.Thread(target=self._make, name="mnistjobs-mlflow-client", daemon=True)
+        self._thread.start()
+
+    def _make(self) -> None:
+        _TRIALS_STARTED.wait(self._wait)
+        try:
+            self._client = client(self._uri)
+        except Exception:  # noqa: BLE001 - get() makes it again and raises what that raises
+            pass
+
+    def get(self) -> "MlflowClient":
+        """The client; made at once if the thread still waits (Tune returned before any trial
+        started: a resumed job with nothing left to run)."""
+        _TRIALS_STARTED.set()
+        self._thread.join()
+        if self._client is None:
+            self._client = client(self._uri)
+        return self._client
 
 
 def get_or_create_experiment(mlf: "MlflowClient", name: str) -> str:
@@ -119,9 +163,9 @@ class SweepRun:
         client, or a resumed job) and mark it ``status``, or create it with ``params`` and the
         spec as ``spec.json``. The experiment must exist: the job client creates it at submit
         time (:func:`get_or_create_experiment`). ``existing`` says which it was."""
-        from mlflow.entities import Param
+        from jobs.rest import job_runs as any_job_runs
 
-        existing = job_runs(mlf, job_id, role=ROLE_SWEEP, experiment_ids=[experiment_id])
+        existing = any_job_runs(mlf, job_id, role=ROLE_SWEEP, experiment_ids=[experiment_id])
         if existing:
             run = existing[0]
             if run.info.status != status:
@@ -131,6 +175,8 @@ class SweepRun:
             found = cls(mlf, experiment_id, run.info.run_id, job_id)
             found.existing = run
             return found
+        from mlflow.entities import Param  # creating the run takes MLflow's own client
+
         tags = {**(tags or {}), TAG_JOB: job_id, TAG_ROLE: ROLE_SWEEP}
         if ray_job_id:
             tags[TAG_RAY_JOB] = ray_job_id
@@ -144,6 +190,19 @@ class SweepRun:
 
     def finish(self, status: str) -> None:
         self.mlf.set_terminated(self.run_id, status)
+
+
+def set_tags(mlf, run_id: str, tags: dict[str, Any]) -> None:
+    """Several tags of a run in one request, with MLflow's client or the plain-HTTP one
+    (``jobs.rest.MlflowRest``)."""
+    from jobs.rest import is_lite
+
+    if is_lite(mlf):
+        mlf.set_tags(run_id, tags)
+        return
+    from mlflow.entities import RunTag
+
+    mlf.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def _or_recipe(value):

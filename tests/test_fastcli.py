@@ -249,3 +249,52 @@ def test_the_plain_http_readers_need_the_credentials(embedded):
                                 ["list", "--address", f"localhost:{port}", "--home", str(embedded.home)],
                                 env={**CLEAN_ENV, "RAY_AUTH_TOKEN": "0" * 64}, catch_exceptions=False)
     assert result.exit_code == 2 and "403" in result.output and "RAY_AUTH_TOKEN" in result.output, result.output
+
+
+def test_the_plain_http_client_marks_a_queued_parent_run_running_as_mlflows_own_does(embedded):
+    """The sweep driver's first MLflow steps over plain HTTP: the queued (SCHEDULED) parent run
+    found again and marked RUNNING with its Ray job, its tags set in one request."""
+    from jobs import tracking
+    from jobs.contract import TAG_RAY_JOB
+    from jobs.rest import MlflowRest
+    from jobs.spec import SweepSpec
+
+    full = tracking.client(embedded.mlflow_url)
+    lite = MlflowRest(embedded.mlflow_url, embedded.mlflow_headers)
+    experiment_id = tracking.get_or_create_experiment(full, "plain-http-driver")
+    spec = SweepSpec(models=["v2"], epochs=1).validate(deep=False)
+    queued = tracking.open_sweep_run(full, spec, "plain-http-job", experiment_id, None, status="SCHEDULED")
+    assert full.get_run(queued.run_id).info.status == "SCHEDULED"
+    found = tracking.open_sweep_run(lite, spec, "plain-http-job", experiment_id, "plain-http-job-r1")
+    assert found.run_id == queued.run_id and found.existing is not None
+    tracking.set_tags(lite, found.run_id, {"a.tag": "x", "b.tag": 2})
+    run = full.get_run(queued.run_id)
+    assert run.info.status == "RUNNING" and run.info.end_time is None
+    assert run.data.tags[TAG_RAY_JOB] == "plain-http-job-r1"
+    assert run.data.tags["a.tag"] == "x" and run.data.tags["b.tag"] == "2"
+    found.finish("FINISHED")
+    assert full.get_run(queued.run_id).info.status == "FINISHED"
+
+
+def test_the_drivers_later_mlflow_client_waits_for_the_first_trial_unless_asked(monkeypatch):
+    """jobs.tracking.LaterClient makes MLflow's client only once a trial started, or at once
+    when the job's end asks for it first (Tune returned without starting any trial)."""
+    import threading
+
+    from jobs import tracking
+
+    made = []
+    monkeypatch.setattr(tracking, "client", lambda uri=None: made.append(uri) or f"client of {uri}")
+    monkeypatch.setattr(tracking, "_TRIALS_STARTED", threading.Event())
+    later = tracking.LaterClient("http://mlflow.example", wait=3600)
+    assert later._thread.is_alive() and made == []  # waiting for the first trial
+    tracking.trials_started()
+    later._thread.join(60)
+    assert made == ["http://mlflow.example"] and later.get() == "client of http://mlflow.example"
+
+    monkeypatch.setattr(tracking, "_TRIALS_STARTED", threading.Event())
+    early = tracking.LaterClient("http://other.example", wait=3600)
+    asker = threading.Thread(target=early.get, daemon=True)
+    asker.start()
+    asker.join(60)  # an hour's wait if get() did not end it
+    assert not asker.is_alive() and made[-1] == "http://other.example"

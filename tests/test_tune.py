@@ -224,3 +224,59 @@ def test_a_trial_tune_stops_after_its_last_epoch_is_finished_not_stopped_early(e
     assert _steps(mlf, run.info.run_id) == [1]
     (parent,) = job_runs(mlf, "tune-stopped-last", role="sweep", experiment_ids=[experiment_id])
     assert parent.info.status == "FINISHED"
+
+
+# ------------------------------------------------- the driver's MLflow client, plain HTTP first
+
+#: A sweep driver whose Tuner.fit() says, as it is entered, whether MLflow's client was imported.
+_CHECKED_DRIVER = """
+import sys
+from ray import tune
+from jobs.spec import SweepSpec
+from jobs.sweep import run_sweep
+fit = tune.Tuner.fit
+def checked_fit(self):
+    print("MLFLOW IMPORTED AT FIT:", "mlflow" in sys.modules, flush=True)
+    return fit(self)
+tune.Tuner.fit = checked_fit
+spec = SweepSpec.from_json(sys.argv[1]).validate()
+sys.exit(run_sweep(spec, sys.argv[2], experiment_id=sys.argv[3], log_models=False))
+"""
+
+
+@pytest.mark.slow
+def test_the_driver_of_a_queued_job_imports_mlflow_only_after_its_first_trial_started(embedded, synthetic_dir):
+    """Up to Tuner.fit() the driver reads its queued parent run and marks it RUNNING with its tags
+    over plain HTTP (jobs.rest), so the trial worker's imports beside it get the CPU; MLflow's own
+    client is made in a thread once a trial started and closes the job as before: parent FINISHED
+    with its summary, trial FINISHED."""
+    from jobs import search, tracking
+    from jobs.contract import SUMMARY_FINAL
+
+    spec = SweepSpec(models=["v0"], schedules=["cosine"], seeds=1, epochs=1, batch_size=32, train_limit=128,
+                     test_limit=64, data_dir=str(synthetic_dir), cpus_per_trial=1).validate()
+    job_id = "driver-lite-http"
+    mlf = tracking.client(embedded.mlflow_url)
+    experiment_id = tracking.get_or_create_experiment(mlf, "driver-lite")
+    # the job's parent run as `submit` leaves it, but without the queue's tags: the admitter of the
+    # shared services leaves it to this driver
+    queued = tracking.open_sweep_run(mlf, spec, job_id, experiment_id, None, status="SCHEDULED")
+    from jobs.record import mlflow_credentials_for
+    from jobs.state import ray_auth_env
+
+    env = {**os.environ, **ray_auth_env(embedded.home), "RAY_ADDRESS": embedded.ray_address,
+           "MLFLOW_TRACKING_URI": embedded.mlflow_url, "MNISTJOBS_HOME": str(embedded.home), "PYTHONUNBUFFERED": "1"}
+    env.pop("MNISTJOBS_STORAGE_PATH", None)
+    env.update(mlflow_credentials_for(embedded.mlflow_url, embedded.home) or {})
+    proc = subprocess.run([sys.executable, "-c", _CHECKED_DRIVER, spec.to_json(), job_id, experiment_id], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "MLFLOW IMPORTED AT FIT: False" in out, out[-4000:]
+    parent = mlf.get_run(queued.run_id)
+    assert parent.info.status == "FINISHED", parent.info
+    for key, value in search.parent_tags(spec).items():  # tagged over plain HTTP
+        assert parent.data.tags[key] == value, key
+    assert SUMMARY_FINAL in parent.data.metrics and f"v0.{SUMMARY_FINAL}" in parent.data.metrics, parent.data.metrics
+    (trial,) = tracking.job_runs(mlf, job_id, role="trial", experiment_ids=[experiment_id])
+    assert trial.info.status == "FINISHED"
