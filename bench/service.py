@@ -484,7 +484,7 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", metavar="DIR",
                    help="another checkout of mnistjobs (e.g. `git worktree add /tmp/base HEAD~3`): run (a) with "
                         "its code first, then with this code, each on a fresh service set, and print their "
-                        "fixed costs side by side")
+                        "fixed costs side by side (and each one's per-epoch ratio to the bare loop, run once after both)")
     args = p.parse_args(argv)
     if args.full:
         args.train_limit = args.test_limit = 0
@@ -518,7 +518,7 @@ def main(argv=None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     if base_svc is not None:
         print("\n==== baseline code:", args.baseline)
-        report(args, spec, base_svc, None)
+        report(args, spec, base_svc, bare)  # the same bare loop: each code's per-epoch ratio
         print("\n==== this code:", REPO)
     report(args, spec, svc, bare)
     if base_svc is not None:
