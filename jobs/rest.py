@@ -177,16 +177,36 @@ class MlflowRest:
 
     lite = True
 
-    def __init__(self, tracking_uri: str, headers: dict[str, str] | None = None):
+    def __init__(self, tracking_uri: str, headers: dict[str, str] | None = None, *, patience: float = 0.0):
         self.tracking_uri = tracking_uri.rstrip("/")
         self.headers = dict(headers) if headers is not None else login_headers()
+        self.patience = patience  # s to retry a server that is away or busy (0: one try, the CLI's way)
+
+    def _send(self, method: str, url: str, body: dict[str, Any] | None) -> tuple[int, str]:
+        """One request; with ``patience``, retried with backoff (1, 2, 4 ... 10 s) while the server
+        does not answer or answers 429 / 5xx, as MLflow's own client retries (a 4xx is final)."""
+        deadline, delay = time.monotonic() + self.patience, 1.0
+        while True:
+            try:
+                status, text = _request(method, url, self.headers, body)
+                if status != 429 and status < 500:
+                    return status, text
+                failure: BaseException | None = None
+            except OSError as exc:  # refused, reset, timed out (urllib's URLError is one)
+                status, text, failure = 0, "", exc
+            if time.monotonic() + delay > deadline:
+                if failure is not None:
+                    raise failure
+                return status, text
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     def _call(self, endpoint: str, *, body: dict[str, Any] | None = None,
               query: dict[str, Any] | None = None) -> dict[str, Any]:
         url = f"{self.tracking_uri}/api/2.0/mlflow/{endpoint}"
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        status, text = _request("POST" if body is not None else "GET", url, self.headers, body)
+        status, text = self._send("POST" if body is not None else "GET", url, body)
         if status != 200:  # the words of MLflow's own client
             raise HttpFailure(f"API request to endpoint /api/2.0/mlflow/{endpoint} failed with error code "
                               f"{status} != 200. Response body: '{text[:500]}'", status)
@@ -264,9 +284,11 @@ def login_headers() -> dict[str, str]:
     return {}
 
 
-def mlflow_reader(tracking_uri: str | None):
+def mlflow_reader(tracking_uri: str | None, *, patience: float = 0.0):
     """A :class:`MlflowRest` for an http(s) tracking URI (with this process's MLflow login for it,
-    as ``jobs.tracking.client`` sets it), else MLflow's own client."""
+    as ``jobs.tracking.client`` sets it), else MLflow's own client. ``patience``: how long the
+    plain-HTTP one retries a server that is away (the sweep's driver: as long as MLflow's client
+    would); the CLI's commands try once."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if not uri or not uri.startswith(("http://", "https://")) or any(os.environ.get(v) for v in MLFLOW_CLIENT_ONLY_VARS):
         from jobs import tracking
@@ -275,7 +297,7 @@ def mlflow_reader(tracking_uri: str | None):
     from jobs.record import use_mlflow_credentials
 
     use_mlflow_credentials(uri)
-    return MlflowRest(uri)
+    return MlflowRest(uri, patience=patience)
 
 
 # -------------------------------------------------- the readers, for either kind of client

@@ -374,7 +374,7 @@ def run_sweep(spec, job_id: str, *, experiment_id: str, resume: bool = False, ra
     # Until the trials run, plain HTTP (jobs.rest) where it does what MLflow's client would: the
     # queue entry, the parent run RUNNING and its tags (a driver started outside the queue, with
     # no parent run to find, creates it with MLflow's own client).
-    mlf = rest.mlflow_reader(tracking_uri)
+    mlf = rest.mlflow_reader(tracking_uri, patience=tracking.patience_s())  # retried, as MLflow's client would
     queued = queue.find(mlf, job_id)
     if queued is not None and queued.data.tags.get(TAG_QUEUE_STATE) == queue.CANCELLED:
         print(f"mnistjobs sweep {job_id}: cancelled while it was queued; not started", flush=True)

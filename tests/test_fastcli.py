@@ -298,3 +298,67 @@ def test_the_drivers_later_mlflow_client_waits_for_the_first_trial_unless_asked(
     asker.start()
     asker.join(60)  # an hour's wait if get() did not end it
     assert not asker.is_alive() and made[-1] == "http://other.example"
+
+
+def test_the_plain_http_client_retries_a_busy_or_absent_server_only_when_patient():
+    """MlflowRest with ``patience`` (the sweep's driver) retries 5xx / 429 and a server that does
+    not answer, as MLflow's own client does; without it (the CLI) one try; a 4xx is never retried."""
+    import http.server
+    import socket
+    import threading
+
+    from jobs.rest import HttpFailure, MlflowRest
+
+    answers: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            code = answers.pop(0) if answers else 200
+            body = b'{"run": {"info": {"run_id": "r1", "status": "RUNNING"}, "data": {}}}' if code == 200 else b"{}"
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    late: list = []
+    def serve(server):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    try:
+        answers[:] = [503, 429]
+        assert MlflowRest(uri, {}, patience=60).get_run("r1").info.status == "RUNNING"
+        assert answers == []  # both refusals were retried
+        answers[:] = [503]
+        with pytest.raises(HttpFailure) as failed:
+            MlflowRest(uri, {}).get_run("r1")  # no patience: one try
+        assert failed.value.status == 503
+        answers[:] = [404, 200]
+        with pytest.raises(HttpFailure) as failed:
+            MlflowRest(uri, {}, patience=60).get_run("r1")
+        assert failed.value.status == 404 and answers == [200]  # a 4xx is an answer, not retried
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:  # a port nobody listens on yet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(OSError):
+        MlflowRest(f"http://127.0.0.1:{port}", {}).get_run("r1")  # refused: no patience, no retry
+
+    def start_late():
+        late.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler))
+        serve(late[0])
+
+    threading.Timer(1.5, start_late).start()  # the server comes back while the patient client retries
+    try:
+        assert MlflowRest(f"http://127.0.0.1:{port}", {}, patience=60).get_run("r1").info.status == "RUNNING"
+    finally:
+        for srv in late:
+            srv.shutdown()
+            srv.server_close()
