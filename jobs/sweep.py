@@ -169,6 +169,14 @@ class Progress(tune.Callback):
         """This driver's tracking URI (a restored callback may carry an older one)."""
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
 
+    def _mlflow(self):
+        """The driver's MLflow client for the callback: plain HTTP where it can (no MLflow import
+        in Tune's loop), retrying a server that is away as long as MLflow's own client would."""
+        from jobs.rest import mlflow_reader
+        from jobs.tracking import patience_s
+
+        return mlflow_reader(self._uri(), patience=patience_s())
+
     def on_step_end(self, iteration, trials, **info):
         """Tell the queue how many of the job's trials have not started yet (the parent run's
         ``mnistjobs.waiting_trials``): the next job in the queue starts when it reaches 0."""
@@ -176,10 +184,8 @@ class Progress(tune.Callback):
         waiting = max(0, self.n_trials - started)
         if waiting == getattr(self, "reported_waiting", None) or not getattr(self, "parent_run_id", None):
             return
-        from jobs.rest import mlflow_reader
-
         try:
-            mlflow_reader(self._uri()).set_tag(self.parent_run_id, TAG_WAITING_TRIALS, str(waiting))
+            self._mlflow().set_tag(self.parent_run_id, TAG_WAITING_TRIALS, str(waiting))
             self.reported_waiting = waiting
         except Exception as e:  # noqa: BLE001 - never break Tune's loop; tried again next step
             print(f"  note: could not report the waiting trials to MLflow: {' '.join(str(e).split())[:200]}",
@@ -202,13 +208,13 @@ class Progress(tune.Callback):
 
     def _close(self, trials) -> None:
         """Close the still-RUNNING runs of ``trials`` (ended by Tune without error)."""
-        from jobs.rest import job_runs, mlflow_reader
+        from jobs.rest import job_runs
 
         wanted = {t.trial_id: t for t in trials}
         if not wanted:
             return
         try:
-            mlf = mlflow_reader(self._uri())
+            mlf = self._mlflow()
             for run in job_runs(mlf, self.job_id, role="trial", experiment_ids=[self.experiment_id]):
                 trial = wanted.get(run.data.tags.get(TAG_TRIAL))
                 if trial is not None and run.info.status == "RUNNING":
@@ -233,10 +239,10 @@ class Progress(tune.Callback):
     def _diverged_reason(self, trial) -> str | None:
         """fit's one line when the trial's run ended FAILED with ``mnistjobs.diverged=true`` (the
         trial closes it itself and returns, so that Tune does not retry it)."""
-        from jobs.rest import job_runs, mlflow_reader
+        from jobs.rest import job_runs
 
         try:
-            mlf = mlflow_reader(self._uri())
+            mlf = self._mlflow()
             for run in job_runs(mlf, self.job_id, role="trial", experiment_ids=[self.experiment_id]):
                 if run.data.tags.get(TAG_TRIAL) == trial.trial_id and run.data.tags.get(TAG_DIVERGED) == "true":
                     return run.data.tags.get(TAG_DIVERGED_REASON) or "diverged"
