@@ -15,7 +15,10 @@ client, Tune; 2.5-2.8 s). So those workers are asked of the raylet earlier, with
   it imports Tune, opens its MLflow runs or builds the tuner, it connects to Ray and asks for
   workers bound to its job (:func:`prestart_trial_workers`).
 
-Either way as many as trials can start at once on that node (:func:`trial_workers_at_once`).
+Either way on every node of the cluster as many as trials can start at once there, this node
+first and no more than the trials that start at once in all (:func:`prestart_plan`): on a
+cluster, a node's first trials start as warm as the head's (Tune, reusing actors, would
+otherwise hand a short trial waiting for another node's cold worker to the head's free warm one).
 
 Only light imports here (``ray`` lazily): the driver calls this before anything heavy.
 """
@@ -118,18 +121,37 @@ def trial_runtime_env(job_runtime_env: str, environ=None) -> str:
     return json.dumps(merged, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def trial_workers_at_once(spec, resources: dict[str, float]) -> int:
+def trial_workers_at_once(spec, resources: dict[str, float], cluster_gpus: float | None = None) -> int:
     """How many of the sweep's trials can start at once on a node with ``resources`` (Ray's
     resource dict): bounded by the trials, ``--max-concurrent`` and the CPUs and GPUs a trial
-    asks for."""
+    asks for (its GPUs as the driver resolves them, from the cluster's ``cluster_gpus``; default
+    the node's own)."""
     n = spec.trial_count()
     if spec.max_concurrent:
         n = min(n, spec.max_concurrent)
     n = min(n, int(resources.get("CPU", 0) // spec.cpus_per_trial))
-    gpus = spec.resolved_gpus(resources.get("GPU", 0))
+    gpus = spec.resolved_gpus(resources.get("GPU", 0) if cluster_gpus is None else cluster_gpus)
     if gpus > 0:
         n = min(n, int(resources.get("GPU", 0) // gpus))
     return max(n, 0)
+
+
+def prestart_plan(spec, nodes: list[dict]) -> list[tuple[dict, int]]:
+    """Where the sweep's first trials' workers are started: ``[(node, how many), ...]`` over
+    ``nodes`` (Ray's node records with their free resources in ``"Free"``, in the order to fill
+    them, this process's node first), each node as many as trials can start on it at once
+    (:func:`trial_workers_at_once`), all together no more than the trials that start at once."""
+    left = spec.trial_count()
+    if spec.max_concurrent:
+        left = min(left, spec.max_concurrent)
+    cluster_gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in nodes)
+    plan = []
+    for node in nodes:
+        n = min(left, trial_workers_at_once(spec, node.get("Free", {}), cluster_gpus))
+        if n > 0:
+            plan.append((node, n))
+            left -= n
+    return plan
 
 
 def _this_node() -> dict | None:
@@ -137,12 +159,38 @@ def _this_node() -> dict | None:
     ``"Free"``; None when it is not found alive."""
     import ray
 
-    node_id = ray.get_runtime_context().get_node_id()
-    here = next((n for n in ray.nodes() if n.get("NodeID") == node_id and n.get("Alive")), None)
-    if here is not None:
-        free = ray.available_resources()
-        here["Free"] = {k: min(v, free.get(k, 0.0)) for k, v in here.get("Resources", {}).items()}
-    return here
+    here = ray.get_runtime_context().get_node_id()
+    return next((n for n in _alive_nodes() if n.get("NodeID") == here), None)
+
+
+def _alive_nodes() -> list[dict]:
+    """Ray's records of the cluster's alive nodes (``ray.nodes()``), each with its resources free
+    now in ``"Free"``: this process's node first, then the others by node id."""
+    import ray
+    from ray._private.state import available_resources_per_node
+
+    here = ray.get_runtime_context().get_node_id()
+    free = available_resources_per_node()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    for n in nodes:
+        n["Free"] = free.get(n.get("NodeID"), {})
+    return sorted(nodes, key=lambda n: (n.get("NodeID") != here, n.get("NodeID", "")))
+
+
+def _ask_raylets(spec, runtime_env_info, job_id: bytes | None) -> int:
+    """:func:`_ask_raylet` of each node in the sweep's :func:`prestart_plan`; returns how many
+    workers were asked for where the raylet took the request (a node that did not costs only
+    its head start)."""
+    asked = 0
+    for node, n in prestart_plan(spec, _alive_nodes()):
+        try:
+            _ask_raylet(node, runtime_env_info, n, job_id)
+        except Exception as e:  # noqa: BLE001 - only a head start
+            startup_mark(f"no trial workers prestarted on {node.get('NodeManagerAddress')} "
+                         f"({type(e).__name__}: {e})")
+            continue
+        asked += n
+    return asked
 
 
 def _ask_raylet(node: dict, runtime_env_info, n: int, job_id: bytes | None) -> None:
@@ -164,30 +212,25 @@ def _ask_raylet(node: dict, runtime_env_info, n: int, job_id: bytes | None) -> N
 
 
 def prestart_trial_workers(spec) -> int:
-    """Ask the raylet of this process's node to start, now, the worker processes the sweep's
-    first trials will run in; return how many were asked for. The driver's fallback, where the
-    queue's admitter did not (``$MNISTJOBS_PRESTARTED``, :func:`prestart_for_job`).
+    """Ask the raylets to start, now, the worker processes the sweep's first trials will run in;
+    return how many were asked for. The driver's fallback, where the queue's admitter did not
+    (``$MNISTJOBS_PRESTARTED``, :func:`prestart_for_job`).
 
     The request is Ray's own (the raylet's ``PrestartWorkers``, which Ray's gRPC API offers and
     its Python API does not): workers bound to this job with the runtime_env its trial actors
     will have (:func:`trial_runtime_env`), which the raylet then hands to Tune's trials in place
-    of starting new ones. As many as trials can start at once on this node with the resources
-    free now (:func:`trial_workers_at_once`); unused, they end after ``PRESTART_KEEP_ALIVE_S``
-    or with the job. Other nodes of a cluster start their trials' workers as before. Never
-    raises: a failed request only loses the head start."""
+    of starting new ones. On each node as many as trials can start there at once with the
+    resources free now, this node first, no more than the trials that start at once in all
+    (:func:`prestart_plan`); unused, they end after ``PRESTART_KEEP_ALIVE_S`` or with the job.
+    Never raises: a failed request only loses the head start."""
     try:
         import ray
 
-        here = _this_node()
-        n = trial_workers_at_once(spec, here["Free"]) if here else 0
-        if n <= 0:
-            return 0
         job_env = ray._private.worker.global_worker.core_worker.get_job_config().runtime_env_info
         env_info = type(job_env)()
         env_info.CopyFrom(job_env)
         env_info.serialized_runtime_env = trial_runtime_env(job_env.serialized_runtime_env)
-        _ask_raylet(here, env_info, n, bytes.fromhex(ray.get_runtime_context().get_job_id()))
-        return n
+        return _ask_raylets(spec, env_info, bytes.fromhex(ray.get_runtime_context().get_job_id()))
     except Exception as e:  # noqa: BLE001 - only a head start
         startup_mark(f"driver: no trial workers prestarted ({type(e).__name__}: {e})")
         return 0
@@ -211,9 +254,10 @@ def job_runtime_env(env_vars: dict[str, str]) -> str:
 
 
 def prestart_for_job(spec_json: str, env_vars: dict[str, str]) -> int:
-    """For the queue's admitter, as it starts a job: have the raylet of this node start the
-    workers the job's first trials will run in, before the job's driver exists (it is about 2 s
-    from here to the driver's own request, :func:`prestart_trial_workers`). The workers are bound
+    """For the queue's admitter, as it starts a job: have the raylets start the workers the job's
+    first trials will run in, before the job's driver exists (it is about 2 s from here to the
+    driver's own request, :func:`prestart_trial_workers`), on each node as many as trials can
+    start there at once, this node first (:func:`prestart_plan`). The workers are bound
     to no job (Ray's job id comes with the driver) and carry the runtime_env the job's trial
     actors will have (:func:`job_runtime_env`, :func:`trial_runtime_env`), so the raylet hands
     them to those actors; Tune's env vars are taken from this process's environment. Sets
@@ -224,8 +268,8 @@ def prestart_for_job(spec_json: str, env_vars: dict[str, str]) -> int:
 
         from jobs.spec import SweepSpec
 
-        here = _this_node()
-        n = trial_workers_at_once(SweepSpec.from_json(spec_json), here["Free"]) if here else 0
+        spec = SweepSpec.from_json(spec_json)
+        n = sum(k for _, k in prestart_plan(spec, _alive_nodes()))
         if n <= 0:
             return 0
         env_vars[PRESTARTED_VAR] = str(n)
@@ -233,8 +277,10 @@ def prestart_for_job(spec_json: str, env_vars: dict[str, str]) -> int:
             serialized_runtime_env=trial_runtime_env(job_runtime_env(env_vars)))
         info.runtime_env_config.setup_timeout_seconds = 600  # Ray's default
         info.runtime_env_config.eager_install = True
-        _ask_raylet(here, info, n, None)
-        return n
+        asked = _ask_raylets(spec, info, None)
+        if asked <= 0:
+            env_vars.pop(PRESTARTED_VAR, None)
+        return asked
     except Exception:  # noqa: BLE001 - only a head start; the driver asks for its own
         env_vars.pop(PRESTARTED_VAR, None)
         return 0

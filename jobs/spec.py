@@ -24,6 +24,7 @@ TrainConfig (``recipe_for``) and its name (``v2-onecycle-s1``). A YAML file look
     gpus_per_trial: 0.25      # null: 0.25 when the cluster has GPUs, else 0
     priority: 5               # the job queue's order, -1000..1000, higher first  [default: 0]
     register: false           # do not register the best trial per model  [default: true]
+    reuse_workers: false      # a fresh worker process for every trial  [default: true]
     system_metrics_interval: 30   # seconds between system-metric samples, 0: off  [default: 10]
     train:                    # any other TrainConfig setting, for every trial
       weight_decay: 0.0005
@@ -163,6 +164,7 @@ class SweepSpec:
     cpus_per_trial: float = 1.0
     max_concurrent: int | None = None    # None or 0: as many as the resources allow
     max_failures: int = 2                # retries of a trial from its last checkpoint; -1: forever
+    reuse_workers: bool = True           # a finished trial's worker process takes the next trial (Tune's reuse_actors)
     priority: int = 0                    # the job queue's order, higher first; no trial setting
     experiment: str = DEFAULT_EXPERIMENT
     storage_path: str | None = None      # Tune's storage; None: <state folder>/ray_results
@@ -504,6 +506,9 @@ class SweepSpec:
             self._check_int("max_concurrent", 0, "--max-concurrent")
         self._check_int("max_failures", -1, "--max-failures")
         self._check_int("priority", MIN_PRIORITY, "priority (--priority)", maximum=MAX_PRIORITY)
+        if not isinstance(self.reuse_workers, bool):
+            raise SpecError(f"reuse_workers must be true or false (--no-reuse-workers: false), not "
+                            f"{_brief.repr(self.reuse_workers)}.")
         if not isinstance(self.register, bool):
             raise SpecError(f"register must be true or false (--no-register: false), not {_brief.repr(self.register)}.")
         interval = self.system_metrics_interval

@@ -321,7 +321,7 @@ def build_tuner(spec, job: dict[str, Any], storage: str, gpus: float, *, resume:
     return tune.Tuner(
         trainable, param_space=spec.param_space(job=job),
         # The search (jobs.search): metric, mode, num_samples, search_alg, scheduler, trial names.
-        tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=_trial_dirname,
+        tune_config=tune.TuneConfig(reuse_actors=spec.reuse_workers, trial_dirname_creator=_trial_dirname,
                                     **search.tune_config_args(spec)),
         run_config=tune.RunConfig(
             name=job["job_id"], storage_path=storage, verbose=0, stop=stop,

@@ -219,7 +219,7 @@ def open_sweep_run(mlf: "MlflowClient", spec, job_id: str, experiment_id: str, r
               "augment": _or_recipe(spec.augment),
               "train_limit": spec.train_limit, "test_limit": spec.test_limit,
               "gpus_per_trial": spec.gpus_per_trial, "cpus_per_trial": spec.cpus_per_trial,
-              "max_failures": spec.max_failures}
+              "max_failures": spec.max_failures, "reuse_workers": spec.reuse_workers}
     from jobs.search import parent_tags
 
     # The search's tags from the start, so a queued job already says what it searches.

@@ -105,8 +105,11 @@ def test_sweep_runs_on_both_nodes(two_nodes, tmp_path):
     data = make_synthetic_mnist(base / "data", n_train=512, n_test=128, seed=0)
     storage = base / "shared-storage"  # one folder that both nodes reach
     sweep = tmp_path / "sweep.yaml"
+    # A fresh worker process for each trial: with Tune's actor reuse (the default) a short trial that
+    # waits for the other node's worker to start is handed to the head's worker as soon as that is
+    # free, and on a loaded machine all four may run there (Ray runs workers at nice 15).
     sweep.write_text(f"models: [v0, v2]\nseeds: 2\nepochs: 2\nbatch_size: 32\ntrain_limit: 512\ntest_limit: 128\n"
-                     f"schedules: [cosine]\nstorage_path: {storage}\nexperiment: multinode\n")
+                     f"schedules: [cosine]\nstorage_path: {storage}\nexperiment: multinode\nreuse_workers: false\n")
 
     start = time.monotonic()
     result = run_cli(["submit", "--config", sweep, "--data-dir", data, "--wait"], home=rec.home)
@@ -136,8 +139,13 @@ def test_sweep_runs_on_both_nodes(two_nodes, tmp_path):
         files += len(found)
         last_pt = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILES[0]}"
         assert load_checkpoint(mlf.download_artifacts(rid, last_pt, str(tmp_path / name)))["epoch"] == 2
-    assert set(per_node) == {head["node_id"], worker["node_id"]}, per_node  # both nodes ran trials
+    assert set(per_node) == {head["node_id"], worker["node_id"]}, (  # both nodes ran trials
+        f"head {head['node_id']}: {per_node}\n" + job_logs(rec, job)[-6000:])
     assert rec.mlflow_url.startswith("http://")
+    # The queue's admitter had a trial worker started ahead of the job on each node (one CPU each).
+    req = urllib.request.Request(f"{rec.dashboard_url}/api/jobs/{job}", headers=rec.headers)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert json.load(r)["runtime_env"]["env_vars"]["MNISTJOBS_PRESTARTED"] == "2"
 
     # Tune's storage across the nodes: every trial's checkpoints in the one folder.
     trial_dirs = sorted((storage / job).glob("*-cosine-s*_*"))

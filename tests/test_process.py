@@ -335,6 +335,34 @@ def test_trial_workers_at_once_is_bounded_by_trials_concurrency_cpus_and_gpus():
                                  {"CPU": 16.0, "GPU": 1.0}) == 1
 
 
+def test_the_prestart_plan_fills_every_node_this_one_first_up_to_the_trials_at_once():
+    """jobs.rayconnect.prestart_plan: each node as many workers as trials can start there, in the
+    order given (this node first), no more than the sweep starts at once in all; a node where no
+    trial fits gets none, and a trial's GPU share is the cluster's, not the node's."""
+    from jobs.rayconnect import prestart_plan
+    from jobs.spec import SweepSpec
+
+    def node(name, cpus, gpus=0.0):
+        res = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        return {"NodeID": name, "Resources": res, "Free": dict(res)}
+
+    def plan(spec, nodes):
+        return [(n["NodeID"], k) for n, k in prestart_plan(spec, nodes)]
+
+    four = SweepSpec(models=["v0", "v1", "v2", "v3"], epochs=1)  # 4 trials, 1 CPU each
+    assert plan(four, [node("head", 1), node("b", 1)]) == [("head", 1), ("b", 1)]
+    assert plan(four, [node("head", 3), node("b", 8)]) == [("head", 3), ("b", 1)]
+    assert plan(four, [node("head", 8), node("b", 8)]) == [("head", 4)]
+    assert plan(four, [node("head", 0.5), node("b", 2)]) == [("b", 2)]
+    limited = SweepSpec(models=["v0", "v1", "v2", "v3"], epochs=1, max_concurrent=3)
+    assert plan(limited, [node("head", 2), node("b", 2)]) == [("head", 2), ("b", 1)]
+    # A cluster with a GPU: every trial asks a quarter of one, so a node without any runs none.
+    assert plan(four, [node("head", 8), node("gpu", 8, 1.0)]) == [("gpu", 4)]
+    busy = node("head", 4)
+    busy["Free"] = {"CPU": 1.0}
+    assert plan(four, [busy, node("b", 2)]) == [("head", 1), ("b", 2)]
+
+
 @pytest.mark.slow
 def test_the_runtime_env_predicted_for_a_trial_is_the_one_ray_gives_it():
     """jobs.rayconnect.trial_runtime_env: from the job's runtime_env (the driver's ray.init, with

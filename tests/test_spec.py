@@ -71,6 +71,7 @@ def test_explicit_seed_list():
     ({"gpus_per_trial": 1.5}, "between 0 and 1"),
     ({"cpus_per_trial": 0}, "--cpus-per-trial"),
     ({"max_failures": -2}, "--max-failures"),
+    ({"reuse_workers": "no"}, "reuse_workers must be true or false (--no-reuse-workers: false), not 'no'"),
     ({"optimizer": "rmsprop"}, "Unknown optimizer"),
     ({"train_limit": 0}, "--train-limit"),
     ({"experiment": " "}, "--experiment"),

@@ -226,6 +226,34 @@ def test_a_trial_tune_stops_after_its_last_epoch_is_finished_not_stopped_early(e
     assert parent.info.status == "FINISHED"
 
 
+def _trial_actors(embedded) -> dict[str, int]:
+    """Ray's records of every trial actor (Tune's ImplicitFunc) the cluster has had, dead ones
+    included: actor id -> worker pid (the dashboard's state API)."""
+    import json
+    import urllib.request
+
+    url = (f"{embedded.dashboard_url}/api/v0/actors?limit=10000&detail=1&filter_keys=class_name"
+           f"&filter_predicates=%3D&filter_values=ImplicitFunc")
+    with urllib.request.urlopen(urllib.request.Request(url, headers=embedded.headers), timeout=30) as r:
+        return {a["actor_id"]: a.get("pid") for a in json.load(r)["data"]["result"]["result"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reuse", [True, False])
+def test_no_reuse_workers_runs_every_trial_in_a_fresh_worker_process(embedded, synthetic_dir, reuse):
+    """--no-reuse-workers (spec reuse_workers: false) reaches Tune as reuse_actors=False: two trials
+    one at a time get two trial actors in two worker processes (Ray's own records); by default
+    the second trial runs in the first's actor."""
+    spec = SweepSpec(models=["v0"], schedules=["cosine"], seeds=2, epochs=1, batch_size=32, train_limit=128,
+                     test_limit=64, data_dir=str(synthetic_dir), max_concurrent=1, reuse_workers=reuse).validate()
+    before = _trial_actors(embedded)
+    _, _, proc = _run_stopped_sweep(embedded, spec, f"tune-reuse-{str(reuse).lower()}", "tune-reuse")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "2 trials, 0 failed" in out, out[-4000:]
+    new = {a: pid for a, pid in _trial_actors(embedded).items() if a not in before}
+    assert len(new) == len(set(new.values())) == (1 if reuse else 2), new
+
+
 # ------------------------------------------------- the driver's MLflow client, plain HTTP first
 
 #: A sweep driver whose Tuner.fit() says, as it is entered, whether MLflow's client was imported.
