@@ -275,8 +275,8 @@ def _echo_queued(cluster, view) -> None:
               help="Hand a finished trial's Ray worker process to the next trial (Tune's reuse_actors), "
                    "saving a process start and its imports (about 4 s of a 2-core CPU) a trial; "
                    "--no-reuse-workers gives every trial a fresh process: nothing of an earlier trial stays "
-                   "in it, and a trial waiting for another node's worker to start is not moved to a free "
-                   "one here  [default: reuse]")
+                   "in it, and a trial that waits for a worker still starting (on another node, say) keeps "
+                   "it instead of moving to one that came free  [default: reuse]")
 @click.option("--experiment", default=None, metavar="NAME", help="MLflow experiment  [default: mnistjobs]")
 @click.option("--priority", type=int, default=None, metavar="N",
               help="Place in the queue: higher runs first; equal priorities run in submission order. "
