@@ -17,9 +17,9 @@ Ray's and MLflow's parts:
   127.0.0.1 whose port it writes to ``<home>/queue_wake_port``, and :func:`wake` (called by the
   CLI after it changed the queue) sends it one datagram. `mnistjobs up` and `submit` start it
   when it is missing (:func:`ensure`), through a short Ray job (``python -m jobs.queue start``)
-  since a client may only reach the dashboard's HTTP API. As it starts a job, it has the raylet of
-  its node start the job's first trial workers (``jobs.rayconnect.prestart_for_job``), so they
-  import torch, MLflow and Tune while Ray starts the job's driver and Tune sets up.
+  since a client may only reach the dashboard's HTTP API. As it starts a job, it has the raylets
+  of the cluster's nodes start the job's first trial workers (``jobs.rayconnect.prestart_for_job``),
+  so they import torch, MLflow and Tune while Ray starts the job's driver and Tune sets up.
 
 The order (:func:`run_order`): jobs already admitted keep their place, in the order they were
 admitted (no preemption), then the queued ones by priority (higher first), submission time, id.

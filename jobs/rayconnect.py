@@ -17,8 +17,8 @@ client, Tune; 2.5-2.8 s). So those workers are asked of the raylet earlier, with
 
 Either way on every node of the cluster as many as trials can start at once there, this node
 first and no more than the trials that start at once in all (:func:`prestart_plan`): on a
-cluster, a node's first trials start as warm as the head's (Tune, reusing actors, would
-otherwise hand a short trial waiting for another node's cold worker to the head's free warm one).
+cluster, a node's first trials start as warm as the head's instead of waiting for their
+workers' start and imports.
 
 Only light imports here (``ray`` lazily): the driver calls this before anything heavy.
 """
