@@ -121,15 +121,17 @@ def trial_runtime_env(job_runtime_env: str, environ=None) -> str:
     return json.dumps(merged, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _trials_at_once(spec) -> int:
+    """How many of the sweep's trials may run at once anywhere: its trials, at most ``--max-concurrent``."""
+    return min(spec.trial_count(), spec.max_concurrent) if spec.max_concurrent else spec.trial_count()
+
+
 def trial_workers_at_once(spec, resources: dict[str, float], cluster_gpus: float | None = None) -> int:
     """How many of the sweep's trials can start at once on a node with ``resources`` (Ray's
     resource dict): bounded by the trials, ``--max-concurrent`` and the CPUs and GPUs a trial
     asks for (its GPUs as the driver resolves them, from the cluster's ``cluster_gpus``; default
     the node's own)."""
-    n = spec.trial_count()
-    if spec.max_concurrent:
-        n = min(n, spec.max_concurrent)
-    n = min(n, int(resources.get("CPU", 0) // spec.cpus_per_trial))
+    n = min(_trials_at_once(spec), int(resources.get("CPU", 0) // spec.cpus_per_trial))
     gpus = spec.resolved_gpus(resources.get("GPU", 0) if cluster_gpus is None else cluster_gpus)
     if gpus > 0:
         n = min(n, int(resources.get("GPU", 0) // gpus))
@@ -141,9 +143,7 @@ def prestart_plan(spec, nodes: list[dict]) -> list[tuple[dict, int]]:
     ``nodes`` (Ray's node records with their free resources in ``"Free"``, in the order to fill
     them, this process's node first), each node as many as trials can start on it at once
     (:func:`trial_workers_at_once`), all together no more than the trials that start at once."""
-    left = spec.trial_count()
-    if spec.max_concurrent:
-        left = min(left, spec.max_concurrent)
+    left = _trials_at_once(spec)
     cluster_gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in nodes)
     plan = []
     for node in nodes:
@@ -152,15 +152,6 @@ def prestart_plan(spec, nodes: list[dict]) -> list[tuple[dict, int]]:
             plan.append((node, n))
             left -= n
     return plan
-
-
-def _this_node() -> dict | None:
-    """Ray's record of this process's node (``ray.nodes()``), its resources free now in
-    ``"Free"``; None when it is not found alive."""
-    import ray
-
-    here = ray.get_runtime_context().get_node_id()
-    return next((n for n in _alive_nodes() if n.get("NodeID") == here), None)
 
 
 def _alive_nodes() -> list[dict]:
@@ -177,12 +168,11 @@ def _alive_nodes() -> list[dict]:
     return sorted(nodes, key=lambda n: (n.get("NodeID") != here, n.get("NodeID", "")))
 
 
-def _ask_raylets(spec, runtime_env_info, job_id: bytes | None) -> int:
-    """:func:`_ask_raylet` of each node in the sweep's :func:`prestart_plan`; returns how many
-    workers were asked for where the raylet took the request (a node that did not costs only
-    its head start)."""
+def _ask_raylets(plan: list[tuple[dict, int]], runtime_env_info, job_id: bytes | None) -> int:
+    """:func:`_ask_raylet` of each node of a :func:`prestart_plan`; returns how many workers were
+    asked for where the raylet took the request (a node that did not costs only its head start)."""
     asked = 0
-    for node, n in prestart_plan(spec, _alive_nodes()):
+    for node, n in plan:
         try:
             _ask_raylet(node, runtime_env_info, n, job_id)
         except Exception as e:  # noqa: BLE001 - only a head start
@@ -230,7 +220,8 @@ def prestart_trial_workers(spec) -> int:
         env_info = type(job_env)()
         env_info.CopyFrom(job_env)
         env_info.serialized_runtime_env = trial_runtime_env(job_env.serialized_runtime_env)
-        return _ask_raylets(spec, env_info, bytes.fromhex(ray.get_runtime_context().get_job_id()))
+        return _ask_raylets(prestart_plan(spec, _alive_nodes()), env_info,
+                            bytes.fromhex(ray.get_runtime_context().get_job_id()))
     except Exception as e:  # noqa: BLE001 - only a head start
         startup_mark(f"driver: no trial workers prestarted ({type(e).__name__}: {e})")
         return 0
@@ -268,8 +259,8 @@ def prestart_for_job(spec_json: str, env_vars: dict[str, str]) -> int:
 
         from jobs.spec import SweepSpec
 
-        spec = SweepSpec.from_json(spec_json)
-        n = sum(k for _, k in prestart_plan(spec, _alive_nodes()))
+        plan = prestart_plan(SweepSpec.from_json(spec_json), _alive_nodes())
+        n = sum(k for _, k in plan)
         if n <= 0:
             return 0
         env_vars[PRESTARTED_VAR] = str(n)
@@ -277,7 +268,7 @@ def prestart_for_job(spec_json: str, env_vars: dict[str, str]) -> int:
             serialized_runtime_env=trial_runtime_env(job_runtime_env(env_vars)))
         info.runtime_env_config.setup_timeout_seconds = 600  # Ray's default
         info.runtime_env_config.eager_install = True
-        asked = _ask_raylets(spec, info, None)
+        asked = _ask_raylets(plan, info, None)  # the plan whose count is in the job's env
         if asked <= 0:
             env_vars.pop(PRESTARTED_VAR, None)
         return asked
