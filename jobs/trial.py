@@ -44,6 +44,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -63,16 +64,19 @@ STOPPED_THREAD_TIMEOUT_S = 300
 
 # Module-level: one copy of MNIST per worker process, shared by the trials that process runs.
 _DATA_CACHE: dict[str, Any] = {}
+_DATA_LOCK = threading.Lock()  # one reader at a time: the warm-up's (warm_worker) and a trial's
 
 
 def _read_data(data_dir: str | None):
-    """(the folder MNIST is read from, the data), read once per worker process (``_DATA_CACHE``)."""
+    """(the folder MNIST is read from, the data), read once per worker process (``_DATA_CACHE``;
+    a trial whose worker is still reading it waits for that read)."""
     from jobs.datadir import resolve_data_dir
     from mnistnets.data import load_mnist
 
     folder = str(Path(resolve_data_dir(data_dir)).resolve())
-    if folder not in _DATA_CACHE:
-        _DATA_CACHE[folder] = load_mnist(folder)
+    with _DATA_LOCK:
+        if folder not in _DATA_CACHE:
+            _DATA_CACHE[folder] = load_mnist(folder)
     return folder, _DATA_CACHE[folder]
 
 
@@ -82,8 +86,6 @@ class _DataReader:
     trial's start on a 2-core machine. ``result(node)`` waits for it."""
 
     def __init__(self, data_dir: str | None):
-        import threading
-
         self._outcome: tuple | None = None
         self._thread = threading.Thread(target=self._read, args=(data_dir,), name="mnistjobs-data", daemon=True)
         self._thread.start()
@@ -223,31 +225,74 @@ WARM_HOOK = "jobs.trial.warm_worker"
 
 
 def warm_worker() -> None:
-    """Import what a trial needs (torch and the trainer, MLflow's client, Tune's function
-    trainable) as the worker process starts, before it is given a trial.
+    """Import what a trial needs before it is given one (torch and the trainer, then Tune's
+    function trainable), start reading the job's MNIST, and import MLflow's client behind them.
 
     The driver names this function as its job's ``worker_process_setup_hook``, so Ray runs it in
     each worker of the sweep's job as the worker starts, before the worker takes work. The first
     trials' workers are started ahead of Tune (``jobs.rayconnect``: by the queue's admitter as it
-    starts the job, else by the driver at its ``ray.init``), so these imports (2.5-2.8 s of a
-    2-core CPU) run while Ray starts the driver and Tune sets up, and the trial begins with
-    nothing to import; a worker Ray starts later, for a trial beyond those, warms up the same way
-    before its trial. Imports only: nothing
-    here touches CUDA, so the GPU Ray gives the trial later (CUDA_VISIBLE_DEVICES, read at CUDA's
-    first use) still applies. Never raises: a failing hook would make Ray end the worker; a trial
-    imports anything missing itself."""
+    starts the job, else by the driver at its ``ray.init``), so this runs while Ray starts the
+    driver and Tune sets up. Ray hands the worker a trial only when the hook returns, so it
+    returns once torch, the trainer and Tune are in (about 2.8 s of one core of a 2-core CPU);
+    MNIST (the folder the job's spec names, or ``$MNISTJOBS_DATA_DIR``; never a download) is read
+    in one thread from the moment torch is in, and MLflow's client (about 1 s more) is imported in
+    another after the hook returns, while the trial opens its run in a thread of its own and
+    trains (:class:`_RunOpener`). A worker Ray starts later, for a trial beyond those, warms up
+    the same way before its trial. Nothing here touches CUDA, so the GPU Ray gives the trial later
+    (CUDA_VISIBLE_DEVICES, read at CUDA's first use) still applies. Never raises: a failing hook
+    would make Ray end the worker; a trial imports and reads anything missing itself."""
     began = time.time()
     try:
+        import mnistnets.train  # noqa: F401 - torch
+        _prefetch_data()
         from ray import tune  # noqa: F401 - the function trainable's own imports (pandas among them)
 
-        import mnistnets.train  # noqa: F401 - torch
         from jobs import grid, tracking  # noqa: F401
-        from mlflow import MlflowClient  # noqa: F401
-        from mlflow.entities import Metric, Param, RunTag  # noqa: F401
     except Exception:  # noqa: BLE001 - only a head start
         return
     _WARMED.update(began=began, ended=time.time())  # marked by the trial (this output goes nowhere yet)
+    _in_background(_import_mlflow, "mnistjobs-warm-mlflow")
     _end_if_never_used()
+
+
+def _import_mlflow() -> None:
+    from mlflow import MlflowClient  # noqa: F401
+    from mlflow.entities import Metric, Param, RunTag  # noqa: F401
+
+
+#: The warm-up's background threads (name -> thread): a test joins them.
+_WARMING: dict[str, Any] = {}
+
+
+def _in_background(fn, name: str) -> None:
+    """``fn()`` in a daemon thread, its errors dropped (a head start only)."""
+    def run() -> None:
+        try:
+            fn()
+        except BaseException:  # noqa: BLE001 - the trial does it again itself
+            pass
+
+    _WARMING[name] = threading.Thread(target=run, name=name, daemon=True)
+    _WARMING[name].start()
+
+
+def _prefetch_data() -> None:
+    """Read the job's MNIST into this process's cache in a thread (zlib and torch release the GIL
+    as they read), when the job's spec (its env var) or ``$MNISTJOBS_DATA_DIR`` names a folder that
+    holds it; nothing when it would have to be downloaded (the trial does that, with its errors)."""
+    from jobs.client import SPEC_VAR
+
+    try:
+        data_dir = json.loads(os.environ.get(SPEC_VAR) or "{}").get("data_dir")
+    except (ValueError, AttributeError):
+        return
+
+    def read() -> None:
+        from jobs.datadir import resolve_data_dir
+
+        _read_data(str(resolve_data_dir(data_dir, download=False)))
+
+    _in_background(read, "mnistjobs-warm-data")
 
 
 _WARMED: dict[str, float] = {}
@@ -264,8 +309,6 @@ def _end_if_never_used() -> None:
     leaves Ray's worker pool and ends (Ray's own drain-and-exit). A worker a job started, or one a
     trial took meanwhile, is left to Ray, which ends it with its job."""
     try:
-        import threading
-
         import ray
 
         worker = ray._private.worker.global_worker
@@ -301,7 +344,7 @@ def train_trial(config: dict[str, Any]) -> None:
     startup_mark("trial function entered", began)
     if _WARMED:  # the first trial of a worker that warm_worker warmed: when that happened
         startup_mark("worker: warming began", _WARMED.pop("began"))
-        startup_mark("worker: warmed (torch, MLflow, Tune imported)", _WARMED.pop("ended"))
+        startup_mark("worker: warmed (torch, Tune imported; MLflow's client and MNIST behind)", _WARMED.pop("ended"))
     from ray import tune
 
     from jobs import tracking
@@ -329,57 +372,162 @@ def train_trial(config: dict[str, Any]) -> None:
         local = Path(tempfile.gettempdir())
     local.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mnistjobs-work-", dir=local))
-    monitor = None
+    opener = None
     try:
         checkpoint = tune.get_checkpoint()
         resume_from, resumed, run_id = _restore(checkpoint, work, name, _trial_storage(context, checkpoint))
+        startup_mark("trial: checkpoint looked up")
+        facts = _describe(cfg)
+        # The trial's MLflow side (the client, its run, params, tags, layer table, system metrics)
+        # opens in a thread while it trains (_RunOpener); the epochs wait for it only at their end.
         # The job's own URI first: a trial restored after `up` runs under a new Ray job whose
         # environment holds the tracking URI of the services running now.
-        mlf = tracking.client(os.environ.get("MLFLOW_TRACKING_URI") or job["tracking_uri"])
-        if resumed is not None and resumed["epoch"] >= cfg.epochs and tracking.run_finished(mlf, run_id):
+        opener = _RunOpener(os.environ.get("MLFLOW_TRACKING_URI") or job["tracking_uri"], job, cfg, facts,
+                            name=name, trial_id=trial_id, run_id=run_id, resumed=resumed)
+        if resumed is not None and resumed["epoch"] >= cfg.epochs and opener.finished_already():
             # Trained and logged to the end before a driver died: Tune's snapshot did not know.
             print(f"[{name}] finished already (epoch {resumed['epoch']}/{cfg.epochs}, MLflow run "
                   f"FINISHED): nothing to repeat", flush=True)
             return
-        startup_mark("trial: checkpoint looked up")
-        run = tracking.TrialRun.open(mlf, experiment_id=job["experiment_id"], parent_run_id=job["parent_run_id"],
-                                     job_id=job["job_id"], trial_id=trial_id, name=name, run_id=run_id)
-        startup_mark("trial: MLflow run opened")
-        if job.get("log_model", True):
-            prewarm_model_logging()
-        node = _start_run(run, cfg, resumed)
-        startup_mark("trial: params, tags, layer table logged")
-        folder, data = reader.result(node)
+        folder, data = reader.result(facts["node"])
         startup_mark("trial: data loaded (read in a thread meanwhile)")
-        run.set_tags({TAG_DATA_DIR: folder})
-        monitor = start_system_metrics(run, job.get("system_metrics_interval", 0), resume=resumed is not None)
-        startup_mark("trial: system metrics started")
+        opener.tags_once_open({TAG_DATA_DIR: folder})
 
         def first_batch():
             startup_mark(f"trial: first batch ({time.time() - began:.1f} s after the trial began)")
 
         try:
-            for result in _fit_and_log(run, cfg, data, work, resume_from, first_batch):
+            for result in _fit_and_log(opener, cfg, data, work, resume_from, first_batch):
                 try:
                     _report(result, work, local)
                 except SystemExit as stop:  # Tune stopped this trial on purpose (see the module's doc)
                     if stop.code in (0, None):
-                        stop_system_metrics(monitor)
-                        _end_stopped(run, work, name, int(result["epoch"]), cfg.epochs, cfg=cfg, data=data,
-                                     with_model=job.get("log_model", True))
+                        opener.stop_system_metrics()
+                        _end_stopped(opener.run(), work, name, int(result["epoch"]), cfg.epochs, cfg=cfg,
+                                     data=data, with_model=job.get("log_model", True))
                     raise
         except Diverged as diverged:  # ends FAILED and returns: Tune retries only a trial that raises
-            stop_system_metrics(monitor)
+            run = opener.run()
+            opener.stop_system_metrics()
             _end_diverged(run, work, name, diverged)
             return
+        run = opener.run()
         if job.get("log_model", True):
             log_model(run, cfg, data, work, name)
-        stop_system_metrics(monitor)
+        opener.stop_system_metrics()
         _end(run, work)
         run.finish("FINISHED")
     finally:
-        stop_system_metrics(monitor)
+        if opener is not None:
+            opener.stop_system_metrics()
         shutil.rmtree(work, ignore_errors=True)
+
+
+class _RunOpener:
+    """A trial's MLflow side, opened in a thread from the trial's start while it trains: MLflow's
+    client (imported in the worker's warm-up, else here), the trial's run (:class:`jobs.tracking.
+    TrialRun`: reopened or created), its node and device tags, params and layer table (the epochs
+    a resumed checkpoint has and the run lacks), the model logging's imports, and the system
+    metrics. :meth:`run` waits for it and raises what it raised; the trial calls it at the end of
+    its first epoch, so the first batch does not wait for MLflow (about 1 s of imports and 0.1-0.5 s
+    of requests on a 2-core CPU). What it needs of torch (the model: its size and layer table,
+    built from the global RNG) is read before, in the trial's own thread (:func:`_describe`)."""
+
+    def __init__(self, tracking_uri: str, job: dict[str, Any], cfg, facts: dict[str, Any], *, name: str,
+                 trial_id: str, run_id: str | None, resumed: dict[str, Any] | None) -> None:
+        self._args = (tracking_uri, job, cfg, facts, name, trial_id, run_id, resumed)
+        self._mlf = None
+        self._run = None
+        self._monitor = None
+        self._error: BaseException | None = None
+        self._later: dict[str, Any] = {}
+        self._client_made = threading.Event()
+        self._thread = threading.Thread(target=self._open, name="mnistjobs-run-opener", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        from jobs import tracking
+
+        tracking_uri, job, cfg, facts, name, trial_id, run_id, resumed = self._args
+        try:
+            self._mlf = tracking.client(tracking_uri)
+            self._client_made.set()
+            if resumed is not None and resumed["epoch"] >= cfg.epochs:
+                return  # the trial first asks whether its run finished already (finished_already)
+            self._open_run()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the trial's thread by run()
+            self._error = exc
+        finally:
+            self._client_made.set()
+
+    def _open_run(self) -> None:
+        from jobs import tracking
+
+        tracking_uri, job, cfg, facts, name, trial_id, run_id, resumed = self._args
+        run = tracking.TrialRun.open(self._mlf, experiment_id=job["experiment_id"], parent_run_id=job["parent_run_id"],
+                                     job_id=job["job_id"], trial_id=trial_id, name=name, run_id=run_id)
+        startup_mark("trial: MLflow run opened")
+        if job.get("log_model", True):
+            prewarm_model_logging()
+        run.set_tags({TAG_NODE: facts["node"], TAG_DEVICE: facts["device_label"]})
+        run.log_params(cfg.to_dict(), params=facts["params"], device=facts["device"])
+        run.log_text(facts["layers"], LAYERS_ARTIFACT)
+        if resumed is not None:
+            for past in resumed.get("history", []):
+                run.log_epoch(past)
+        startup_mark("trial: params, tags, layer table logged")
+        self._run = run
+        self._monitor = start_system_metrics(run, job.get("system_metrics_interval", 0), resume=resumed is not None)
+        startup_mark("trial: system metrics started")
+
+    def finished_already(self) -> bool:
+        """For a resumed trial that had trained every epoch: whether its run is FINISHED already.
+        When it is not, the run is opened now (in this thread)."""
+        from jobs import tracking
+
+        self._client_made.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        self._thread.join()
+        run_id = self._args[6]
+        if tracking.run_finished(self._mlf, run_id):
+            return True
+        self._open_run()
+        return False
+
+    def tags_once_open(self, tags: dict[str, Any]) -> None:
+        """``tags`` set on the run by :meth:`run`'s first call."""
+        self._later.update(tags)
+
+    def run(self):
+        """The trial's TrialRun, once opened (waits); what the opening raised is raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._later:
+            self._run.set_tags(self._later)
+            self._later = {}
+        return self._run
+
+    def stop_system_metrics(self) -> None:
+        """Stop the run's system metrics (once they are started; idempotent, never raises)."""
+        self._thread.join()
+        stop_system_metrics(self._monitor)
+
+
+def _describe(cfg) -> dict[str, Any]:
+    """What the trial's run records of its model and where it runs, read in the trial's thread:
+    building the model draws from torch's global RNG, which ``fit`` seeds and draws from too."""
+    from mnistnets.models import count_parameters
+    from mnistnets.summary import format_table
+    from mnistnets.train import build_model, resolve_device
+
+    device = resolve_device(cfg.device)
+    node, device_label = _node_and_device(device)
+    model = build_model(cfg)
+    return {"node": node, "device_label": device_label, "device": device.type,
+            "params": count_parameters(model), "layers": format_table(model)}
 
 
 def _trial_name(config: dict[str, Any], context) -> str:
@@ -395,30 +543,13 @@ def _trial_name(config: dict[str, Any], context) -> str:
     return trial_name(config)
 
 
-def _start_run(run, cfg, resumed: dict[str, Any] | None) -> str:
-    """The run's node/device tags, params and layer table; the epochs a resumed checkpoint has
-    and the run lacks (MLflow was away). Returns the node."""
-    from mnistnets.models import count_parameters
-    from mnistnets.summary import format_table
-    from mnistnets.train import build_model, resolve_device
-
-    device = resolve_device(cfg.device)
-    node, device_label = _node_and_device(device)
-    run.set_tags({TAG_NODE: node, TAG_DEVICE: device_label})
-    model = build_model(cfg)
-    run.log_params(cfg.to_dict(), params=count_parameters(model), device=device.type)
-    run.log_text(format_table(model), LAYERS_ARTIFACT)
-    if resumed is not None:
-        for past in resumed.get("history", []):
-            run.log_epoch(past)
-    return node
-
-
-def _fit_and_log(run, cfg, data, work: Path, resume_from: Path | None, first_batch=None):
-    """``fit``'s epochs, each logged to the run and recorded in the state file before it is yielded."""
+def _fit_and_log(opener: _RunOpener, cfg, data, work: Path, resume_from: Path | None, first_batch=None):
+    """``fit``'s epochs, each logged to the run (opened meanwhile: ``opener``) and recorded in the
+    state file before it is yielded."""
     from mnistnets.train import fit
 
     for result in fit(cfg, data=data, checkpoint_dir=work, resume_from=resume_from, first_batch=first_batch):
+        run = opener.run()
         run.log_epoch(result)
         (work / STATE_FILE).write_text(json.dumps({"run_id": run.run_id, "epoch": result["epoch"],
                                                    "trial_id": run.trial_id}))
@@ -550,8 +681,6 @@ def prewarm_model_logging() -> None:
     logging the model needs (torch.export, ~3.7 s of imports on a 2-core CPU) and let MLflow map
     the installed packages (~1.6 s), so that the end of the first trial in a process does not
     wait for them where the node has a CPU to spare (a GPU node). Never raises."""
-    import threading
-
     if _PREWARM:
         return
 

@@ -2,6 +2,7 @@
 matters (threads joined, atexit functions run, output flushed, the exit status), in its order."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -254,24 +255,59 @@ def test_shallow_validation_leaves_out_only_the_stepping(monkeypatch):
 
 
 def test_warm_worker_imports_what_a_trial_needs_and_never_raises():
-    """Ray's setup hook for a sweep's workers (jobs.trial.warm_worker) imports torch, the trainer,
-    MLflow's client and Tune, and records when; an import that fails leaves it quiet (a raising
-    hook would make Ray end the worker) with nothing recorded."""
+    """Ray's setup hook for a sweep's workers (jobs.trial.warm_worker) returns once torch, the
+    trainer and Tune are imported, and records when; MLflow's client is imported behind it, in a
+    thread; an import that fails leaves it quiet (a raising hook would make Ray end the worker)
+    with nothing recorded."""
     proc = _python("""
         import sys
         import jobs.trial as t
 
         assert "torch" not in sys.modules and "mlflow" not in sys.modules
         t.warm_worker()
-        print(all(m in sys.modules for m in ("torch", "mnistnets.train", "mlflow", "ray.tune")),
+        print(all(m in sys.modules for m in ("torch", "mnistnets.train", "ray.tune")),
               t._WARMED["began"] <= t._WARMED["ended"])
+        t._WARMING["mnistjobs-warm-mlflow"].join()
+        print("mlflow.entities" in sys.modules and hasattr(sys.modules["mlflow"], "MlflowClient"))
         t._WARMED.clear()
         sys.modules["mnistnets.train"] = None  # an import that fails
         t.warm_worker()
         print(t._WARMED == {})
-    """)
+    """, env={"MNISTJOBS_SPEC": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["True", "True", "True"], proc.stdout
+    assert proc.stdout.split() == ["True", "True", "True", "True"], proc.stdout
+
+
+def test_warm_worker_reads_the_jobs_mnist_ahead_of_the_trial_and_never_downloads(tmp_path):
+    """The hook reads MNIST from the folder the job's spec names (its env var) into the worker's
+    cache, so the trial's own read finds it there (the same object); with no folder it would have
+    to download, it reads nothing (the trial downloads, with its own errors)."""
+    from tests.synthetic import make_synthetic_mnist
+
+    folder = make_synthetic_mnist(tmp_path / "mnist", n_train=64, n_test=32)
+    script = """
+        import json, os, sys
+        import jobs.trial as t
+
+        t.warm_worker()
+        t._WARMING["mnistjobs-warm-data"].join()
+        cached = dict(t._DATA_CACHE)
+        print(sorted(cached) == ([str(os.path.realpath(sys.argv[1]))] if sys.argv[1] != "-" else []))
+        if cached:
+            folder, data = t._DataReader(json.loads(os.environ["MNISTJOBS_SPEC"])["data_dir"]).result("here")
+            print(data is cached[folder], len(data.train_labels))
+        print(not any(os.scandir(os.environ["MNISTJOBS_HOME"])))
+    """
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"MNISTJOBS_HOME": str(home), "MNISTJOBS_DATA_DIR": ""}
+    given = _python(script.replace("sys.argv[1]", repr(str(folder))),
+                    env={**env, "MNISTJOBS_SPEC": json.dumps({"data_dir": str(folder)})})
+    assert given.returncode == 0, given.stderr[-3000:]
+    assert given.stdout.split() == ["True", "True", "64", "True"], given.stdout
+    none = _python(script.replace("sys.argv[1]", repr("-")), env={**env, "MNISTJOBS_SPEC": json.dumps({})})
+    assert none.returncode == 0, none.stderr[-3000:]
+    assert none.stdout.split() == ["True", "True"], none.stdout
 
 
 @pytest.mark.slow
