@@ -43,6 +43,7 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -226,21 +227,22 @@ WARM_HOOK = "jobs.trial.warm_worker"
 
 def warm_worker() -> None:
     """Import what a trial needs before it is given one (torch and the trainer, then Tune's
-    function trainable), start reading the job's MNIST, and import MLflow's client behind them.
+    function trainable), and start reading the job's MNIST.
 
     The driver names this function as its job's ``worker_process_setup_hook``, so Ray runs it in
     each worker of the sweep's job as the worker starts, before the worker takes work. The first
     trials' workers are started ahead of Tune (``jobs.rayconnect``: by the queue's admitter as it
     starts the job, else by the driver at its ``ray.init``), so this runs while Ray starts the
     driver and Tune sets up. Ray hands the worker a trial only when the hook returns, so it
-    returns once torch, the trainer and Tune are in (about 2.8 s of one core of a 2-core CPU);
+    returns once torch, the trainer and Tune are in (about 2.5-3 s of one core of a 2-core CPU);
     MNIST (the folder the job's spec names, or ``$MNISTJOBS_DATA_DIR``; never a download) is read
-    in one thread from the moment torch is in, and MLflow's client (about 1 s more) is imported in
-    another after the hook returns, while the trial opens its run in a thread of its own and
-    trains (:class:`_RunOpener`). A worker Ray starts later, for a trial beyond those, warms up
-    the same way before its trial. Nothing here touches CUDA, so the GPU Ray gives the trial later
-    (CUDA_VISIBLE_DEVICES, read at CUDA's first use) still applies. Never raises: a failing hook
-    would make Ray end the worker; a trial imports and reads anything missing itself."""
+    in a thread from the moment torch is in. MLflow's client (about 1 s of CPU) is left to the
+    trial, which imports it once its first batch is done and opens its run in a thread while it
+    trains (:class:`_RunOpener`): on a small CPU every process on the way to the first batch (the
+    driver, Tune, this worker) is CPU-bound. A worker Ray starts later, for a trial beyond those,
+    warms up the same way before its trial. Nothing here touches CUDA, so the GPU Ray gives the
+    trial later (CUDA_VISIBLE_DEVICES, read at CUDA's first use) still applies. Never raises: a
+    failing hook would make Ray end the worker; a trial imports and reads anything missing itself."""
     began = time.time()
     try:
         import mnistnets.train  # noqa: F401 - torch
@@ -251,13 +253,7 @@ def warm_worker() -> None:
     except Exception:  # noqa: BLE001 - only a head start
         return
     _WARMED.update(began=began, ended=time.time())  # marked by the trial (this output goes nowhere yet)
-    _in_background(_import_mlflow, "mnistjobs-warm-mlflow")
     _end_if_never_used()
-
-
-def _import_mlflow() -> None:
-    from mlflow import MlflowClient  # noqa: F401
-    from mlflow.entities import Metric, Param, RunTag  # noqa: F401
 
 
 #: The warm-up's background threads (name -> thread): a test joins them.
@@ -395,6 +391,7 @@ def train_trial(config: dict[str, Any]) -> None:
 
         def first_batch():
             startup_mark(f"trial: first batch ({time.time() - began:.1f} s after the trial began)")
+            opener.training_started()
 
         try:
             for result in _fit_and_log(opener, cfg, data, work, resume_from, first_batch):
@@ -423,15 +420,20 @@ def train_trial(config: dict[str, Any]) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+#: How long a trial's run opener waits for the first batch before it imports MLflow's client anyway.
+OPENER_WAIT_S = 60.0
+
+
 class _RunOpener:
-    """A trial's MLflow side, opened in a thread from the trial's start while it trains: MLflow's
-    client (imported in the worker's warm-up, else here), the trial's run (:class:`jobs.tracking.
-    TrialRun`: reopened or created), its node and device tags, params and layer table (the epochs
-    a resumed checkpoint has and the run lacks), the model logging's imports, and the system
-    metrics. :meth:`run` waits for it and raises what it raised; the trial calls it at the end of
-    its first epoch, so the first batch does not wait for MLflow (about 1 s of imports and 0.1-0.5 s
-    of requests on a 2-core CPU). What it needs of torch (the model: its size and layer table,
-    built from the global RNG) is read before, in the trial's own thread (:func:`_describe`)."""
+    """A trial's MLflow side, opened in a thread while the trial trains: MLflow's client (imported
+    once the trial's first batch is done, :meth:`training_started`, when the process has not
+    imported it yet: about 1 s of CPU), the trial's run (:class:`jobs.tracking.TrialRun`: reopened
+    or created), its node and device tags, params and layer table (the epochs a resumed checkpoint
+    has and the run lacks), the model logging's imports, and the system metrics. :meth:`run` waits
+    for it and raises what it raised; the trial calls it at the end of its first epoch, so the first
+    batch does not wait for MLflow (about 1 s of imports and 0.1-0.5 s of requests on a 2-core CPU).
+    What it needs of torch (the model: its size and layer table, built from the global RNG) is read
+    before, in the trial's own thread (:func:`_describe`)."""
 
     def __init__(self, tracking_uri: str, job: dict[str, Any], cfg, facts: dict[str, Any], *, name: str,
                  trial_id: str, run_id: str | None, resumed: dict[str, Any] | None) -> None:
@@ -442,14 +444,21 @@ class _RunOpener:
         self._error: BaseException | None = None
         self._later: dict[str, Any] = {}
         self._client_made = threading.Event()
+        self._go = threading.Event()  # set at the first batch (training_started), or when the run is wanted
         self._thread = threading.Thread(target=self._open, name="mnistjobs-run-opener", daemon=True)
         self._thread.start()
+
+    def training_started(self) -> None:
+        """The trial's first batch is done: MLflow's client may be imported now."""
+        self._go.set()
 
     def _open(self) -> None:
         from jobs import tracking
 
         tracking_uri, job, cfg, facts, name, trial_id, run_id, resumed = self._args
         try:
+            if "mlflow" not in sys.modules:  # its imports (~1 s of CPU) wait until training is underway
+                self._go.wait(OPENER_WAIT_S)
             self._mlf = tracking.client(tracking_uri)
             self._client_made.set()
             if resumed is not None and resumed["epoch"] >= cfg.epochs:
@@ -485,6 +494,7 @@ class _RunOpener:
         When it is not, the run is opened now (in this thread)."""
         from jobs import tracking
 
+        self._go.set()
         self._client_made.wait()
         if self._error is not None:
             self._thread.join()
@@ -502,6 +512,7 @@ class _RunOpener:
 
     def run(self):
         """The trial's TrialRun, once opened (waits); what the opening raised is raised here."""
+        self._go.set()
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -512,6 +523,7 @@ class _RunOpener:
 
     def stop_system_metrics(self) -> None:
         """Stop the run's system metrics (once they are started; idempotent, never raises)."""
+        self._go.set()
         self._thread.join()
         stop_system_metrics(self._monitor)
 

@@ -255,10 +255,10 @@ def test_shallow_validation_leaves_out_only_the_stepping(monkeypatch):
 
 
 def test_warm_worker_imports_what_a_trial_needs_and_never_raises():
-    """Ray's setup hook for a sweep's workers (jobs.trial.warm_worker) returns once torch, the
-    trainer and Tune are imported, and records when; MLflow's client is imported behind it, in a
-    thread; an import that fails leaves it quiet (a raising hook would make Ray end the worker)
-    with nothing recorded."""
+    """Ray's setup hook for a sweep's workers (jobs.trial.warm_worker) imports torch, the trainer
+    and Tune, and records when; MLflow is left to the trial (imported after its first batch); an
+    import that fails leaves it quiet (a raising hook would make Ray end the worker) with nothing
+    recorded."""
     proc = _python("""
         import sys
         import jobs.trial as t
@@ -267,8 +267,9 @@ def test_warm_worker_imports_what_a_trial_needs_and_never_raises():
         t.warm_worker()
         print(all(m in sys.modules for m in ("torch", "mnistnets.train", "ray.tune")),
               t._WARMED["began"] <= t._WARMED["ended"])
-        t._WARMING["mnistjobs-warm-mlflow"].join()
-        print("mlflow.entities" in sys.modules and hasattr(sys.modules["mlflow"], "MlflowClient"))
+        for thread in t._WARMING.values():
+            thread.join()
+        print("mlflow" not in sys.modules)
         t._WARMED.clear()
         sys.modules["mnistnets.train"] = None  # an import that fails
         t.warm_worker()
@@ -313,8 +314,8 @@ def test_warm_worker_reads_the_jobs_mnist_ahead_of_the_trial_and_never_downloads
 @pytest.mark.slow
 def test_the_drivers_workers_are_warmed_before_the_trial_begins():
     """The driver's ray.init (jobs.sweep.connect_ray) names warm_worker as the job's worker setup
-    hook: the trial function finds torch and MLflow imported and the hook's record there when it
-    begins."""
+    hook: the trial function finds torch imported and the hook's record there when it begins (and
+    MLflow not: a trial imports it once it trains, jobs.trial._RunOpener)."""
     proc = _python("""
         import sys
         import jobs.sweep
@@ -336,7 +337,8 @@ def test_the_drivers_workers_are_warmed_before_the_trial_begins():
         ray.shutdown()
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1].split() == ["True", "True", "True"], proc.stdout
+    # torch in, the hook's record there, and MLflow not yet: the trial imports it after its first batch
+    assert proc.stdout.strip().splitlines()[-1].split() == ["True", "False", "True"], proc.stdout
 
 
 def test_tunes_trial_env_vars_are_the_ones_rayconnect_predicts():
@@ -566,3 +568,51 @@ def test_a_worker_started_ahead_that_no_trial_takes_ends_itself():
     """, env={"RAY_prestart_worker_first_driver": "0"}, prelude=_RAYLET_WORKERS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].split() == ["1", "True", "1"], proc.stdout
+
+
+def test_a_trial_opens_its_mlflow_run_in_a_thread_once_its_first_batch_is_done(tmp_path):
+    """jobs.trial._RunOpener: in a process that has not imported MLflow, the trial's MLflow side
+    waits for its first batch (training_started), then opens the run in its thread with the node
+    and device tags, the params, the layer table and the tags given meanwhile; run() hands over that
+    run. A failure to open it (an experiment that does not exist) is raised by run(), in the
+    trial's thread."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlf = MlflowClient(uri)
+    exp = mlf.create_experiment("opener", artifact_location=str(tmp_path / "artifacts"))
+    parent = mlf.create_run(exp).info.run_id
+    proc = _python(f"""
+        import sys, time
+        from jobs import trial
+        from mnistnets.train import TrainConfig
+
+        cfg = TrainConfig(model="v2", epochs=1)
+        facts = trial._describe(cfg)
+        job = {{"experiment_id": "{exp}", "parent_run_id": "{parent}", "job_id": "j1", "log_model": False}}
+        opener = trial._RunOpener("{uri}", job, cfg, facts, name="v2-t", trial_id="t1", run_id=None, resumed=None)
+        time.sleep(1.0)
+        print("waits", "mlflow" not in sys.modules and opener._mlf is None)
+        opener.tags_once_open({{"mnistjobs.data_dir": "/data"}})
+        opener.training_started()
+        run = opener.run()
+        print("run", run.run_id)
+        opener.stop_system_metrics()
+        bad = trial._RunOpener("{uri}", {{**job, "experiment_id": "999"}}, cfg, facts, name="v2-u", trial_id="t2",
+                               run_id=None, resumed=None)
+        bad.training_started()
+        try:
+            bad.run()
+        except Exception as exc:
+            print("raised", type(exc).__name__)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert lines["waits"] == "True", proc.stdout
+    assert lines["raised"] == "MlflowException", proc.stdout
+    run = mlf.get_run(lines["run"])
+    tags, params = run.data.tags, run.data.params
+    assert tags["mnistjobs.trial_id"] == "t1" and tags["mlflow.parentRunId"] == parent, tags
+    assert tags["mnistjobs.data_dir"] == "/data" and tags["mnistjobs.device"] == "cpu" and tags["mnistjobs.node"]
+    assert params["model"] == "v2" and params["params"] == "4232" and params["device"] == "cpu", params
+    assert [a.path for a in mlf.list_artifacts(run.info.run_id, "model")] == ["model/layers.txt"]
