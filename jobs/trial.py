@@ -443,7 +443,6 @@ class _RunOpener:
         self._monitor = None
         self._error: BaseException | None = None
         self._later: dict[str, Any] = {}
-        self._client_made = threading.Event()
         self._go = threading.Event()  # set at the first batch (training_started), or when the run is wanted
         self._thread = threading.Thread(target=self._open, name="mnistjobs-run-opener", daemon=True)
         self._thread.start()
@@ -460,14 +459,11 @@ class _RunOpener:
             if "mlflow" not in sys.modules:  # its imports (~1 s of CPU) wait until training is underway
                 self._go.wait(OPENER_WAIT_S)
             self._mlf = tracking.client(tracking_uri)
-            self._client_made.set()
             if resumed is not None and resumed["epoch"] >= cfg.epochs:
                 return  # the trial first asks whether its run finished already (finished_already)
             self._open_run()
         except BaseException as exc:  # noqa: BLE001 - raised again in the trial's thread by run()
             self._error = exc
-        finally:
-            self._client_made.set()
 
     def _open_run(self) -> None:
         from jobs import tracking
@@ -495,11 +491,9 @@ class _RunOpener:
         from jobs import tracking
 
         self._go.set()
-        self._client_made.wait()
+        self._thread.join()  # it made the client only
         if self._error is not None:
-            self._thread.join()
             raise self._error
-        self._thread.join()
         run_id = self._args[6]
         if tracking.run_finished(self._mlf, run_id):
             return True

@@ -616,3 +616,39 @@ def test_a_trial_opens_its_mlflow_run_in_a_thread_once_its_first_batch_is_done(t
     assert tags["mnistjobs.data_dir"] == "/data" and tags["mnistjobs.device"] == "cpu" and tags["mnistjobs.node"]
     assert params["model"] == "v2" and params["params"] == "4232" and params["device"] == "cpu", params
     assert [a.path for a in mlf.list_artifacts(run.info.run_id, "model")] == ["model/layers.txt"]
+
+
+def test_a_resumed_trial_that_trained_every_epoch_asks_whether_its_run_finished(tmp_path):
+    """jobs.trial._RunOpener.finished_already, for a trial restored from the checkpoint of its
+    last epoch: True when its MLflow run is FINISHED (nothing to repeat); else the run is reopened
+    (RUNNING again) with the epochs of the checkpoint's history it lacks."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlf = MlflowClient(uri)
+    exp = mlf.create_experiment("resumed", artifact_location=str(tmp_path / "artifacts"))
+    parent = mlf.create_run(exp).info.run_id
+    done = mlf.create_run(exp).info.run_id
+    mlf.set_terminated(done, "FINISHED")
+    cut = mlf.create_run(exp).info.run_id
+    mlf.set_terminated(cut, "FAILED")
+    proc = _python(f"""
+        from jobs import trial
+        from mnistnets.train import TrainConfig
+
+        cfg = TrainConfig(model="v2", epochs=1)
+        facts = trial._describe(cfg)
+        job = {{"experiment_id": "{exp}", "parent_run_id": "{parent}", "job_id": "j1", "log_model": False}}
+        resumed = {{"epoch": 1, "history": [{{"epoch": 1, "test_acc": 91.5, "train_loss": 0.3}}]}}
+        for run_id in ("{done}", "{cut}"):
+            opener = trial._RunOpener("{uri}", job, cfg, facts, name="v2-t", trial_id="t1", run_id=run_id,
+                                      resumed=resumed)
+            print(opener.finished_already())
+            opener.stop_system_metrics()
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "False"], proc.stdout
+    assert mlf.get_run(done).info.status == "FINISHED"
+    reopened = mlf.get_run(cut)
+    assert reopened.info.status == "RUNNING" and reopened.data.metrics["test_acc"] == 91.5
+    assert reopened.data.params["model"] == "v2"
