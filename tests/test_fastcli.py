@@ -179,9 +179,11 @@ def _steady(text: str) -> str:
     return re.sub(r"\b\d+m\d\ds\b|\b\d+h\d\dm\b", "<time>", text)
 
 
-def _both_of_a_running_job(args, home, monkeypatch, tries: int = 3) -> tuple[str, str]:
+def _both_of_a_running_job(args, home, monkeypatch, tries: int = 6) -> tuple[str, str]:
     """:func:`_both` while a job runs: its epochs go on between the two reads, so a pair that
-    differs is read again (a difference in how the two print stays in every pair)."""
+    differs is read again (a difference in how the two print stays in every pair). Up to six
+    pairs: with an epoch every second or so, three in a row once straddled an epoch each (CI on a
+    loaded 2-core machine: "6/30" through one reader, "5/30" through the other)."""
     for _ in range(tries):
         fast, full = _both(args, home, monkeypatch)
         if _steady(fast) == _steady(full):
@@ -203,7 +205,9 @@ def test_fast_commands_print_what_the_ray_and_mlflow_clients_printed(embedded, f
 
     # A (two 2-CPU trials on 2 CPUs) runs its first trial while its second waits, so B, behind
     # it, stays queued (the next job is admitted once A has started all its trials).
-    common = ["--cpus-per-trial", 2, "--train-limit", 256, "--test-limit", 64, "--batch-size", 32,
+    # (all 512 synthetic images an epoch, 32 batches of 16: several times the 8 steps it had, so
+    # that most pairs of reads fall within one epoch)
+    common = ["--cpus-per-trial", 2, "--train-limit", 512, "--test-limit", 64, "--batch-size", 16,
               "--schedules", "cosine", "--data-dir", synthetic_dir, "--experiment", "fastcli"]
     a = job_id_of(run_cli(["submit", "--models", "v0", "--seeds", 2, "--epochs", 30, *common], home=home).output)
     b = job_id_of(run_cli(["submit", "--models", "v2", "--epochs", 1, *common], home=home).output)
