@@ -68,13 +68,14 @@ _DATA_CACHE: dict[str, Any] = {}
 _DATA_LOCK = threading.Lock()  # one reader at a time: the warm-up's (warm_worker) and a trial's
 
 
-def _read_data(data_dir: str | None):
+def _read_data(data_dir: str | None, download: bool = True):
     """(the folder MNIST is read from, the data), read once per worker process (``_DATA_CACHE``;
-    a trial whose worker is still reading it waits for that read)."""
+    a trial whose worker is still reading it waits for that read). ``download``: fill the state
+    folder's copy when no folder is given and it lacks the files (``resolve_data_dir``)."""
     from jobs.datadir import resolve_data_dir
     from mnistnets.data import load_mnist
 
-    folder = str(Path(resolve_data_dir(data_dir)).resolve())
+    folder = str(Path(resolve_data_dir(data_dir, download=download)).resolve())
     with _DATA_LOCK:
         if folder not in _DATA_CACHE:
             _DATA_CACHE[folder] = load_mnist(folder)
@@ -86,16 +87,21 @@ class _DataReader:
     opens its MLflow run (HTTP, and zlib and torch release the GIL as they read): about 0.5 s of a
     trial's start on a 2-core machine. ``result(node)`` waits for it."""
 
-    def __init__(self, data_dir: str | None):
+    def __init__(self, data_dir: str | None, download: bool = True):
         self._outcome: tuple | None = None
-        self._thread = threading.Thread(target=self._read, args=(data_dir,), name="mnistjobs-data", daemon=True)
+        self._thread = threading.Thread(target=self._read, args=(data_dir, download), name="mnistjobs-data",
+                                        daemon=True)
         self._thread.start()
 
-    def _read(self, data_dir: str | None) -> None:
+    def _read(self, data_dir: str | None, download: bool) -> None:
         try:
-            self._outcome = ("ok", _read_data(data_dir))
+            self._outcome = ("ok", _read_data(data_dir, download))
         except BaseException as exc:  # noqa: BLE001 - raised again in the trial's thread by result()
             self._outcome = ("error", exc)
+
+    def join(self) -> None:
+        """Wait for the read (its outcome, or its error, stays for ``result``)."""
+        self._thread.join()
 
     def result(self, node: str):
         """(the folder, the data), or the reader's error (a DataError says on which node)."""
@@ -256,39 +262,23 @@ def warm_worker() -> None:
     _end_if_never_used()
 
 
-#: The warm-up's background threads (name -> thread): a test joins them.
-_WARMING: dict[str, Any] = {}
-
-
-def _in_background(fn, name: str) -> None:
-    """``fn()`` in a daemon thread, its errors dropped (a head start only)."""
-    def run() -> None:
-        try:
-            fn()
-        except BaseException:  # noqa: BLE001 - the trial does it again itself
-            pass
-
-    _WARMING[name] = threading.Thread(target=run, name=name, daemon=True)
-    _WARMING[name].start()
+#: The warm-up's read of the job's MNIST (:func:`_prefetch_data`; a test waits for it).
+_PREFETCH: list[_DataReader] = []
 
 
 def _prefetch_data() -> None:
-    """Read the job's MNIST into this process's cache in a thread (zlib and torch release the GIL
-    as they read), when the job's spec (its env var) or ``$MNISTJOBS_DATA_DIR`` names a folder that
-    holds it; nothing when it would have to be downloaded (the trial does that, with its errors)."""
+    """Read the job's MNIST into this process's cache in a thread (a :class:`_DataReader`: zlib and
+    torch release the GIL as they read), when the job's spec (its env var) or ``$MNISTJOBS_DATA_DIR``
+    names a folder that holds it, or the state folder has its copy; nothing when it would have to be
+    downloaded (the trial does that, with its errors). Its own errors are dropped: the trial's read
+    meets them again."""
     from jobs.client import SPEC_VAR
 
     try:
         data_dir = json.loads(os.environ.get(SPEC_VAR) or "{}").get("data_dir")
     except (ValueError, AttributeError):
         return
-
-    def read() -> None:
-        from jobs.datadir import resolve_data_dir
-
-        _read_data(str(resolve_data_dir(data_dir, download=False)))
-
-    _in_background(read, "mnistjobs-warm-data")
+    _PREFETCH.append(_DataReader(data_dir, download=False))
 
 
 _WARMED: dict[str, float] = {}
@@ -340,7 +330,7 @@ def train_trial(config: dict[str, Any]) -> None:
     startup_mark("trial function entered", began)
     if _WARMED:  # the first trial of a worker that warm_worker warmed: when that happened
         startup_mark("worker: warming began", _WARMED.pop("began"))
-        startup_mark("worker: warmed (torch, Tune imported; MLflow's client and MNIST behind)", _WARMED.pop("ended"))
+        startup_mark("worker: warmed (torch, Tune imported; MNIST read behind)", _WARMED.pop("ended"))
     from ray import tune
 
     from jobs import tracking
@@ -380,7 +370,7 @@ def train_trial(config: dict[str, Any]) -> None:
         # environment holds the tracking URI of the services running now.
         opener = _RunOpener(os.environ.get("MLFLOW_TRACKING_URI") or job["tracking_uri"], job, cfg, facts,
                             name=name, trial_id=trial_id, run_id=run_id, resumed=resumed)
-        if resumed is not None and resumed["epoch"] >= cfg.epochs and opener.finished_already():
+        if opener.complete and opener.finished_already():
             # Trained and logged to the end before a driver died: Tune's snapshot did not know.
             print(f"[{name}] finished already (epoch {resumed['epoch']}/{cfg.epochs}, MLflow run "
                   f"FINISHED): nothing to repeat", flush=True)
@@ -437,7 +427,10 @@ class _RunOpener:
 
     def __init__(self, tracking_uri: str, job: dict[str, Any], cfg, facts: dict[str, Any], *, name: str,
                  trial_id: str, run_id: str | None, resumed: dict[str, Any] | None) -> None:
-        self._args = (tracking_uri, job, cfg, facts, name, trial_id, run_id, resumed)
+        self.tracking_uri, self.job, self.cfg, self.facts = tracking_uri, job, cfg, facts
+        self.name, self.trial_id, self.run_id, self.resumed = name, trial_id, run_id, resumed
+        #: Restored from the checkpoint of its last epoch: the run may be FINISHED already (finished_already)
+        self.complete = resumed is not None and resumed["epoch"] >= cfg.epochs
         self._mlf = None
         self._run = None
         self._monitor = None
@@ -454,12 +447,11 @@ class _RunOpener:
     def _open(self) -> None:
         from jobs import tracking
 
-        tracking_uri, job, cfg, facts, name, trial_id, run_id, resumed = self._args
         try:
             if "mlflow" not in sys.modules:  # its imports (~1 s of CPU) wait until training is underway
                 self._go.wait(OPENER_WAIT_S)
-            self._mlf = tracking.client(tracking_uri)
-            if resumed is not None and resumed["epoch"] >= cfg.epochs:
+            self._mlf = tracking.client(self.tracking_uri)
+            if self.complete:
                 return  # the trial first asks whether its run finished already (finished_already)
             self._open_run()
         except BaseException as exc:  # noqa: BLE001 - raised again in the trial's thread by run()
@@ -468,14 +460,14 @@ class _RunOpener:
     def _open_run(self) -> None:
         from jobs import tracking
 
-        tracking_uri, job, cfg, facts, name, trial_id, run_id, resumed = self._args
+        job, facts, resumed = self.job, self.facts, self.resumed
         run = tracking.TrialRun.open(self._mlf, experiment_id=job["experiment_id"], parent_run_id=job["parent_run_id"],
-                                     job_id=job["job_id"], trial_id=trial_id, name=name, run_id=run_id)
+                                     job_id=job["job_id"], trial_id=self.trial_id, name=self.name, run_id=self.run_id)
         startup_mark("trial: MLflow run opened")
         if job.get("log_model", True):
             prewarm_model_logging()
         run.set_tags({TAG_NODE: facts["node"], TAG_DEVICE: facts["device_label"]})
-        run.log_params(cfg.to_dict(), params=facts["params"], device=facts["device"])
+        run.log_params(self.cfg.to_dict(), params=facts["params"], device=facts["device"])
         run.log_text(facts["layers"], LAYERS_ARTIFACT)
         if resumed is not None:
             for past in resumed.get("history", []):
@@ -494,8 +486,7 @@ class _RunOpener:
         self._thread.join()  # it made the client only
         if self._error is not None:
             raise self._error
-        run_id = self._args[6]
-        if tracking.run_finished(self._mlf, run_id):
+        if tracking.run_finished(self._mlf, self.run_id):
             return True
         self._open_run()
         return False

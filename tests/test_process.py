@@ -267,8 +267,8 @@ def test_warm_worker_imports_what_a_trial_needs_and_never_raises():
         t.warm_worker()
         print(all(m in sys.modules for m in ("torch", "mnistnets.train", "ray.tune")),
               t._WARMED["began"] <= t._WARMED["ended"])
-        for thread in t._WARMING.values():
-            thread.join()
+        for reader in t._PREFETCH:
+            reader.join()
         print("mlflow" not in sys.modules)
         t._WARMED.clear()
         sys.modules["mnistnets.train"] = None  # an import that fails
@@ -291,7 +291,7 @@ def test_warm_worker_reads_the_jobs_mnist_ahead_of_the_trial_and_never_downloads
         import jobs.trial as t
 
         t.warm_worker()
-        t._WARMING["mnistjobs-warm-data"].join()
+        t._PREFETCH[0].join()
         cached = dict(t._DATA_CACHE)
         print(sorted(cached) == ([str(os.path.realpath(sys.argv[1]))] if sys.argv[1] != "-" else []))
         if cached:
